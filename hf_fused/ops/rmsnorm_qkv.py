@@ -27,6 +27,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 from torch.library import triton_op, wrap_triton
 
 NORM_STYLES = ("llama", "gemma")
@@ -222,9 +223,13 @@ def triton_interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def runs_triton(device: torch.device) -> bool:
-    """Whether the op uses the Triton kernels for tensors on ``device``."""
-    return device.type == "cuda" or (device.type == "cpu" and triton_interpreter_enabled())
+def runs_triton(x: Tensor) -> bool:
+    """Whether the op runs the Triton kernels on ``x``, or else the PyTorch reference."""
+    if x.device.type == "cuda":
+        return True
+    # wrap_triton doesn't know the interpreter's kernels: tracing CPU code (fake tensors under
+    # torch.compile or opcheck) must see the reference, and only real CPU tensors run interpreted.
+    return x.device.type == "cpu" and triton_interpreter_enabled() and not is_fake(x)
 
 
 def launch_rmsnorm_qkv(
@@ -274,7 +279,7 @@ def _rmsnorm_qkv_op(
     x: Tensor, norm_weight: Tensor, qkv_weight: Tensor, bias: Tensor | None, eps: float, gemma: bool
 ) -> Tensor:
     norm_style = "gemma" if gemma else "llama"
-    if not runs_triton(x.device):
+    if not runs_triton(x):
         return rmsnorm_qkv_ref(x, norm_weight, qkv_weight, bias, eps=eps, norm_style=norm_style)
     K = x.shape[-1]
     N = qkv_weight.shape[0]

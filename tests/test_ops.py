@@ -1,0 +1,194 @@
+"""The fused RMSNorm+QKV op against the unfused PyTorch computation.
+
+On a machine without CUDA these run the Triton kernels in Triton's interpreter (see conftest.py);
+on a GPU they run the compiled kernels, at real model sizes too.
+"""
+
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+from hf_fused.ops import rmsnorm_qkv, rmsnorm_qkv_ref
+
+# The package exports a function of the same name, which shadows the module as an attribute.
+op_module = importlib.import_module("hf_fused.ops.rmsnorm_qkv")
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+requires_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+
+# Added to 2x PyTorch's own error: about one unit in the last place at the outputs' scale.
+ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+EPS = 1e-5
+
+
+def make_inputs(M, K, N, dtype, *, bias=False, device=DEVICE, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=gen) * 3
+    norm_weight = 1 + 0.5 * torch.randn(K, generator=gen)
+    qkv_weight = torch.randn(N, K, generator=gen) / K**0.5
+    b = torch.randn(N, generator=gen) if bias else None
+    to = dict(dtype=dtype, device=device)
+    return x.to(**to), norm_weight.to(**to), qkv_weight.to(**to), None if b is None else b.to(**to)
+
+
+def assert_close_to_reference(y, x, norm_weight, qkv_weight, bias, norm_style):
+    """The rule from flash-attention's tests: at most 2x PyTorch's own error, plus a small atol."""
+    kwargs = dict(eps=EPS, norm_style=norm_style)
+    exact = rmsnorm_qkv_ref(x.cpu(), norm_weight.cpu(), qkv_weight.cpu(), None if bias is None else bias.cpu(),
+                            upcast=True, **kwargs)
+    torch_out = rmsnorm_qkv_ref(x, norm_weight, qkv_weight, bias, **kwargs)
+    assert y.shape == torch_out.shape and y.dtype == x.dtype
+    assert torch.isfinite(y).all()
+    kernel_err = (y.cpu().double() - exact).abs().max().item()
+    torch_err = (torch_out.cpu().double() - exact).abs().max().item()
+    assert kernel_err <= 2 * torch_err + ATOL[x.dtype], f"kernel err {kernel_err:.3g}, PyTorch err {torch_err:.3g}"
+
+
+@pytest.mark.parametrize("norm_style", ["llama", "gemma"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_reference_is_transformers_norm_then_linear(dtype, norm_style):
+    x, norm_weight, qkv_weight, bias = make_inputs(5, 64, 48, dtype, bias=True, device="cpu")
+    norm = LlamaRMSNorm(64, eps=EPS) if norm_style == "llama" else GemmaRMSNorm(64, eps=EPS)
+    norm.weight.data = norm_weight.clone() if norm_style == "llama" else (norm_weight - 1).clone()
+    with torch.no_grad():
+        expected = F.linear(norm.to(dtype)(x), qkv_weight, bias)
+    nw = norm.weight.data
+    assert torch.equal(rmsnorm_qkv_ref(x, nw, qkv_weight, bias, eps=EPS, norm_style=norm_style), expected)
+
+
+# M=1..64 takes the weight-streaming kernel (16 and up through tl.dot), larger M the tiled GEMM.
+# K=80 and N=48+... mimic head_dim 80 and GQA row counts that are not powers of two.
+@pytest.mark.parametrize("M", [1, 3, 16, 37, 100])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("norm_style", ["llama", "gemma"])
+def test_kernel_accuracy(M, dtype, norm_style):
+    x, norm_weight, qkv_weight, _ = make_inputs(M, 80, 208, dtype, seed=M)
+    y = rmsnorm_qkv(x, norm_weight, qkv_weight, eps=EPS, norm_style=norm_style)
+    assert_close_to_reference(y, x, norm_weight, qkv_weight, None, norm_style)
+
+
+@pytest.mark.parametrize("M", [1, 100])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bias(M, dtype):
+    x, norm_weight, qkv_weight, bias = make_inputs(M, 64, 96, dtype, bias=True)
+    y = rmsnorm_qkv(x, norm_weight, qkv_weight, bias, eps=EPS)
+    assert_close_to_reference(y, x, norm_weight, qkv_weight, bias, "llama")
+
+
+@pytest.mark.parametrize("M", [2, 70])
+def test_smollm2_shape(M):
+    x, norm_weight, qkv_weight, _ = make_inputs(M, 576, 960, torch.float16)
+    y = rmsnorm_qkv(x, norm_weight, qkv_weight, eps=EPS)
+    assert_close_to_reference(y, x, norm_weight, qkv_weight, None, "llama")
+
+
+@pytest.mark.parametrize("M", [1, 70])
+def test_leading_dims_and_non_contiguous_x(M):
+    x, norm_weight, qkv_weight, _ = make_inputs(2 * M * 2, 64, 96, torch.float16)
+    # A (2, M, 64) view whose rows are 128 elements apart, as a slice of a wider activation is.
+    wide = x.view(2, M, 128)
+    strided = wide[..., :64]
+    assert not strided.is_contiguous()
+    y = rmsnorm_qkv(strided, norm_weight, qkv_weight, eps=EPS)
+    assert y.shape == (2, M, 96)
+    expected = rmsnorm_qkv(strided.contiguous(), norm_weight, qkv_weight, eps=EPS)
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+
+
+def test_zero_tokens():
+    x, norm_weight, qkv_weight, _ = make_inputs(1, 64, 96, torch.float32)
+    y = rmsnorm_qkv(x[:0], norm_weight, qkv_weight, eps=EPS)
+    assert y.shape == (0, 96)
+
+
+def test_reference_path_without_triton(monkeypatch):
+    """On CPU without the interpreter, the op is the plain PyTorch computation, bit for bit."""
+    monkeypatch.setattr(op_module, "triton_interpreter_enabled", lambda: False)
+    x, norm_weight, qkv_weight, bias = make_inputs(7, 64, 96, torch.bfloat16, bias=True, device="cpu")
+    y = rmsnorm_qkv(x, norm_weight, qkv_weight, bias, eps=EPS, norm_style="gemma")
+    assert torch.equal(y, rmsnorm_qkv_ref(x, norm_weight, qkv_weight, bias, eps=EPS, norm_style="gemma"))
+
+
+BAD_INPUTS = [
+    ("x has K=64, norm weight 32", dict(norm_weight=torch.ones(32)), "norm_weight must have shape"),
+    ("weight rows of the wrong length", dict(qkv_weight=torch.ones(96, 32)), "qkv_weight must have shape"),
+    ("1-d weight", dict(qkv_weight=torch.ones(96)), "qkv_weight must have shape"),
+    ("bias of the wrong length", dict(bias=torch.ones(95)), "bias must have shape"),
+    ("dtype mismatch", dict(qkv_weight=torch.ones(96, 64, dtype=torch.float16)), "dtype"),
+    ("integer input", dict(x=torch.ones(4, 64, dtype=torch.int32)), "float16, bfloat16 or float32"),
+    ("K of 0", dict(x=torch.ones(4, 0), norm_weight=torch.ones(0), qkv_weight=torch.ones(96, 0)), "K"),
+    ("unknown norm style", dict(norm_style="layernorm"), "norm_style"),
+    ("devices differ", dict(norm_weight=torch.ones(64, device="meta")), "device"),
+]
+
+
+@pytest.mark.parametrize("case, override, message", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_is_a_clear_value_error(case, override, message):
+    args = dict(x=torch.ones(4, 64), norm_weight=torch.ones(64), qkv_weight=torch.ones(96, 64), bias=None,
+                norm_style="llama")
+    args.update(override)
+    x = args.pop("x")
+    with pytest.raises(ValueError, match=message):
+        rmsnorm_qkv(x, args.pop("norm_weight"), args.pop("qkv_weight"), args.pop("bias"), eps=EPS, **args)
+
+
+@pytest.mark.parametrize("gemma", [False, True])
+def test_opcheck(gemma):
+    x, norm_weight, qkv_weight, bias = make_inputs(3, 64, 96, torch.float32, bias=True)
+    torch.library.opcheck(torch.ops.hf_fused.rmsnorm_qkv, (x, norm_weight, qkv_weight, bias, EPS, gemma))
+    torch.library.opcheck(torch.ops.hf_fused.rmsnorm_qkv, (x[None], norm_weight, qkv_weight, None, EPS, gemma))
+
+
+def test_compiles_without_graph_break():
+    x, norm_weight, qkv_weight, _ = make_inputs(5, 64, 96, torch.float32)
+    fn = torch.compile(lambda x: rmsnorm_qkv(x, norm_weight, qkv_weight, eps=EPS) * 2, fullgraph=True)
+    torch.testing.assert_close(fn(x), 2 * rmsnorm_qkv(x, norm_weight, qkv_weight, eps=EPS))
+
+
+# ---- GPU only: bf16 through the compiled kernels, real sizes, CUDA graphs ----
+
+REAL_SHAPES = {"llama3-8b": (4096, 6144), "llama3.2-1b": (2048, 3072), "smollm2-135m": (576, 960)}
+
+
+@requires_cuda
+@pytest.mark.parametrize("M", [1, 4, 16, 64, 256, 2048])
+@pytest.mark.parametrize("shape", REAL_SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_real_sizes_on_gpu(shape, M, dtype):
+    K, N = REAL_SHAPES[shape]
+    x, norm_weight, qkv_weight, bias = make_inputs(M, K, N, dtype, bias=shape == "llama3.2-1b", seed=M)
+    y = rmsnorm_qkv(x, norm_weight, qkv_weight, bias, eps=EPS)
+    assert_close_to_reference(y, x, norm_weight, qkv_weight, bias, "llama")
+
+
+@requires_cuda
+@pytest.mark.parametrize("M", [1, 300])
+def test_cuda_graph_capture(M):
+    x, norm_weight, qkv_weight, _ = make_inputs(M, 512, 768, torch.bfloat16)
+    expected = rmsnorm_qkv(x, norm_weight, qkv_weight, eps=EPS)
+    static_x = x.clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = rmsnorm_qkv(static_x, norm_weight, qkv_weight, eps=EPS)
+    static_y.fill_(float("nan"))
+    graph.replay()
+    torch.testing.assert_close(static_y, expected, rtol=0, atol=0)
+    static_x.copy_(x.flip(0))
+    graph.replay()
+    torch.testing.assert_close(static_y, rmsnorm_qkv(x.flip(0), norm_weight, qkv_weight, eps=EPS), rtol=0, atol=0)
+
+
+@requires_cuda
+def test_compile_reduce_overhead_on_gpu():
+    x, norm_weight, qkv_weight, _ = make_inputs(1, 1024, 1536, torch.bfloat16)
+    fn = torch.compile(lambda x: rmsnorm_qkv(x, norm_weight, qkv_weight, eps=EPS), mode="reduce-overhead",
+                       fullgraph=True)
+    for _ in range(3):
+        out = fn(x).clone()
+    torch.testing.assert_close(out, rmsnorm_qkv(x, norm_weight, qkv_weight, eps=EPS), rtol=0, atol=0)
