@@ -1,0 +1,196 @@
+"""A gpt-fast-style greedy decode loop around any Hugging Face causal LM.
+
+transformers' ``generate`` pays Python overhead per token (logits processors, stopping criteria,
+input preparation) and compiles its decode step with ``fullgraph=False``. At batch 1 that
+overhead is a large share of a step. This loop does what gpt-fast does instead:
+
+- a ``StaticCache``, so every decode step has the same shapes and tensor addresses;
+- the prefill runs eagerly, once;
+- the decode step (forward + argmax) is ``torch.compile(mode="reduce-overhead", fullgraph=True)``,
+  so each token is one CUDA-graph replay.
+
+It only calls the model's forward, so it runs a patched and an unpatched model alike. It is a
+helper, not a framework: greedy only, no beams, no sampling.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers import StaticCache
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _State:
+    """What one model keeps between calls, so repeated calls neither re-allocate nor recompile."""
+
+    cache: StaticCache | None = None
+    cache_key: tuple[Any, ...] = ()
+    cache_len: int = 0
+    steps: dict[bool, Callable[..., Tensor]] = field(default_factory=dict)
+
+
+_STATES: weakref.WeakKeyDictionary[nn.Module, _State] = weakref.WeakKeyDictionary()
+
+
+def _accepts(model: nn.Module, name: str) -> bool:
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _cache_kwarg(model: nn.Module) -> str:
+    # transformers 5.24 renamed the forward argument past_key_values to cache (the old name
+    # still works there, with a deprecation shim); 5.17 only knows past_key_values.
+    return "cache" if _accepts(model, "cache") else "past_key_values"
+
+
+def _get_cache(model: nn.Module, state: _State, batch: int, max_len: int, dtype: torch.dtype) -> StaticCache:
+    key = (batch, dtype, next(model.parameters()).device)
+    # Reusing the cache keeps its tensor addresses, which the CUDA graphs recorded; a larger cache
+    # than needed is fine because the attention mask hides the unused tail.
+    if state.cache is not None and state.cache_key == key and state.cache_len >= max_len:
+        state.cache.reset()
+        return state.cache
+    config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    state.cache = StaticCache(config=config, max_cache_len=max_len)
+    state.cache_key, state.cache_len = key, max_len
+    return state.cache
+
+
+def _make_step(model: nn.Module, state: _State, compiled: bool) -> Callable[..., Tensor]:
+    cache_kw = _cache_kwarg(model)
+
+    def step(tokens: Tensor, position_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
+        out = model(
+            input_ids=tokens,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            use_cache=True,
+            **{cache_kw: state.cache},
+        )
+        return out.logits[:, -1].argmax(dim=-1)
+
+    if not compiled:
+        return step
+    on_cuda = next(model.parameters()).device.type == "cuda"
+    # reduce-overhead = CUDA graphs; off CUDA there are no graphs to capture. dynamic=False: a new
+    # batch size or cache length gets its own specialized graph rather than a slower symbolic one.
+    return torch.compile(step, mode="reduce-overhead" if on_cuda else "default", fullgraph=True, dynamic=False)
+
+
+def reset(model: nn.Module) -> None:
+    """Drop the cache and compiled decode step kept for ``model`` (e.g. after patching it)."""
+    _STATES.pop(model, None)
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    input_ids: Tensor,
+    max_new_tokens: int,
+    *,
+    attention_mask: Tensor | None = None,
+    compile: bool | None = None,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+    streamer: Any | None = None,
+    callback: Callable[[Tensor], None] | None = None,
+) -> Tensor:
+    """Greedy decoding with a static cache and a compiled decode step.
+
+    Args:
+        model: a causal LM (``AutoModelForCausalLM``), patched or not.
+        input_ids: ``(B, S)`` prompt token ids on the model's device.
+        max_new_tokens: how many tokens to generate per sequence.
+        attention_mask: ``(B, S)``, 1 for real tokens; needed only for left-padded batches.
+        compile: compile the decode step; ``None`` means on CUDA only, where CUDA graphs make it pay.
+        eos_token_id: stop a sequence at this token (or any of these); ``None`` always runs
+            ``max_new_tokens`` steps and never synchronizes with the host, the fastest.
+        pad_token_id: written after a sequence's EOS; defaults to the first EOS id.
+        streamer: a transformers streamer (e.g. ``TextStreamer``), fed like ``generate`` feeds it.
+        callback: called with each step's ``(B,)`` new tokens.
+
+    Returns:
+        ``(B, S + max_new_tokens)`` ids, prompt first, as transformers' ``generate`` returns them
+        (fewer columns if every sequence hit EOS early).
+    """
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    device = next(model.parameters()).device
+    input_ids = input_ids.to(device)
+    batch, prompt_len = input_ids.shape
+    compiled = device.type == "cuda" if compile is None else compile
+    eos = None if eos_token_id is None else torch.tensor(eos_token_id, device=device).view(-1)
+    if eos is not None and pad_token_id is None:
+        pad_token_id = int(eos[0])
+
+    state = _STATES.setdefault(model, _State())
+    dtype = next(model.parameters()).dtype
+    cache = _get_cache(model, state, batch, prompt_len + max_new_tokens, dtype)
+    if compiled not in state.steps:
+        state.steps[compiled] = _make_step(model, state, compiled)
+    step = state.steps[compiled]
+
+    # A mask of fixed width (the whole cache) keeps decode shapes static; it is needed only when
+    # some prompt is left-padded, otherwise the causal mask alone is exact and cheaper.
+    mask = None
+    if attention_mask is not None and not bool(attention_mask.all()):
+        mask = torch.ones(batch, state.cache_len, dtype=attention_mask.dtype, device=device)
+        mask[:, :prompt_len] = attention_mask.to(device)
+        positions = (attention_mask.to(device).long().cumsum(-1) - 1).clamp_min(0)
+    else:
+        positions = torch.arange(prompt_len, device=device).expand(batch, prompt_len)
+
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
+    prefill_kwargs = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+    out = model(
+        input_ids=input_ids,
+        position_ids=positions,
+        attention_mask=None if mask is None else mask[:, :prompt_len],
+        use_cache=True,
+        **{_cache_kwarg(model): cache},
+        **prefill_kwargs,
+    )
+    token = out.logits[:, -1].argmax(dim=-1)
+    del out
+    position = positions[:, -1:].clone()
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    new_tokens: list[Tensor] = []
+
+    for i in range(max_new_tokens):
+        if eos is not None:
+            token = torch.where(finished, torch.full_like(token, pad_token_id), token)
+            finished |= torch.isin(token, eos)
+        new_tokens.append(token)
+        if streamer is not None:
+            streamer.put(token.cpu())
+        if callback is not None:
+            callback(token)
+        if i == max_new_tokens - 1 or (eos is not None and bool(finished.all())):
+            break
+        position += 1
+        if compiled:
+            # Tells the CUDA-graph runtime that the previous step's outputs are no longer read,
+            # so the next replay may overwrite them; the clone keeps the token we still need.
+            torch.compiler.cudagraph_mark_step_begin()
+            token = step(token.view(batch, 1), position, mask).clone()
+        else:
+            token = step(token.view(batch, 1), position, mask)
+
+    if streamer is not None:
+        streamer.end()
+    return torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)
