@@ -10,10 +10,11 @@ For x of shape (M, K), a norm weight w of shape (K,) and W = [Wq; Wk; Wv] of sha
 The normalized activations never reach device memory: each program first reduces its rows
 to rstd, then normalizes each K-chunk of x in registers right before it meets the weight.
 
-Two kernels, chosen by M:
-- decode (M <= DECODE_MAX_M): weight streaming. Cost is reading W once, so programs split N
-  finely and pipeline their weight loads; the few token rows ride along in registers.
-- prefill: a tiled tl.dot GEMM with grouped program order for L2 reuse.
+Paths, chosen by M:
+- decode (M <= DECODE_MAX_M): weight streaming. Cost is reading W once, so every SM gets an
+  equal share of W's rows and pipelines its loads; the few token rows ride along in registers.
+- prefill, "fused": a tiled tl.dot GEMM with grouped program order for L2 reuse.
+- prefill, "split" (default, see DEFAULT_PREFILL): a Triton norm pass, then cuBLAS.
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ from torch.library import triton_op, wrap_triton
 
 NORM_STYLES = ("llama", "gemma")
 DECODE_MAX_M = 64
+PREFILL_PATHS = ("split", "fused")
+# Measured on an H100 (docs/bench_rmsnorm_qkv.md): the fused tl.dot GEMM trails cuBLAS at prefill
+# sizes, so by default prefill normalizes in one Triton pass and multiplies with cuBLAS.
+DEFAULT_PREFILL = "split"
 
 
 def rmsnorm_qkv_ref(
@@ -62,8 +67,21 @@ def rmsnorm_qkv_ref(
 
 
 @dataclass(frozen=True)
-class KernelConfig:
-    """Block sizes and launch parameters of one kernel launch."""
+class DecodeConfig:
+    """Launch parameters of the weight-streaming kernel. Its grid is programs_per_sm per SM, each
+    streaming an equal share of W's rows, so that no SM idles in a tail wave."""
+
+    BLOCK_M: int
+    BLOCK_K: int
+    NORM_BLOCK_K: int
+    num_warps: int
+    num_stages: int
+    programs_per_sm: int
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    """Launch parameters of the tiled GEMM kernel."""
 
     BLOCK_M: int
     BLOCK_N: int
@@ -73,23 +91,22 @@ class KernelConfig:
     GROUP_M: int = 8
 
 
-def decode_config(M: int, N: int, K: int) -> KernelConfig:
-    """Heuristic for the weight-streaming kernel, tuned on H100 (benchmarks/tune_rmsnorm_qkv.py).
+def decode_config(M: int, N: int, K: int) -> DecodeConfig:
+    """Heuristic for the weight-streaming kernel, read off benchmarks/tune_rmsnorm_qkv.py on an H100.
 
-    Token rows are padded to a power of two; from 16 rows on, the tile goes through tl.dot.
-    BLOCK_N is kept small so that N / BLOCK_N programs cover the SMs more than once.
+    Token rows pad to a power of two; from 16 rows on, the tile goes through tl.dot. The norm
+    pre-pass reads whole rows at once where registers allow: its loads gate the weight stream.
     """
     block_m = max(1, triton.next_power_of_2(M))
-    block_n = 16 if N * K <= 4096 * 4096 else 32
-    block_k = 256 if block_m <= 4 else 128
-    return KernelConfig(block_m, block_n, block_k, num_warps=4, num_stages=4)
+    norm_block_k = max(128, min(triton.next_power_of_2(K), 8192 // block_m))
+    return DecodeConfig(block_m, 256, norm_block_k, num_warps=4, num_stages=4, programs_per_sm=2)
 
 
-def prefill_config(M: int, N: int, K: int) -> KernelConfig:
-    """Heuristic for the tiled GEMM kernel, tuned on H100 (benchmarks/tune_rmsnorm_qkv.py)."""
-    if M <= 256:
-        return KernelConfig(64, 64, 64, num_warps=4, num_stages=4)
-    return KernelConfig(128, 128, 64, num_warps=8, num_stages=3)
+def gemm_config(M: int, N: int, K: int) -> GemmConfig:
+    """Heuristic for the fused GEMM kernel, read off benchmarks/tune_rmsnorm_qkv.py on an H100."""
+    if M <= 1024:
+        return GemmConfig(64, 128, 64, num_warps=4, num_stages=4)
+    return GemmConfig(64, 256, 32, num_warps=8, num_stages=3)
 
 
 @triton.jit
@@ -150,23 +167,26 @@ def _dot(a, b, acc, INTERPRETED: tl.constexpr, IEEE: tl.constexpr):
 @triton.jit
 def _rmsnorm_qkv_decode_kernel(
     x_ptr, norm_w_ptr, w_ptr, b_ptr, y_ptr,
-    M, N, K,
+    M, N, K, rows_per_program,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
     eps,
     HAS_BIAS: tl.constexpr, GEMMA: tl.constexpr, INTERPRETED: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NORM_BLOCK_K: tl.constexpr,
 ):
     # Transposed product: acc[n, m] = sum_k W[n, k] * xn[m, k]. N is the long side here, so it
-    # takes the tile's first dimension and the few token rows the second.
-    pid_n = tl.program_id(0)
+    # takes the tile's first dimension and the few token rows the second. Each program owns
+    # rows_per_program rows of W; BLOCK_N is that rounded up, and masked rows cost no traffic.
+    pid = tl.program_id(0)
     offs_m = tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rstd = _row_rstd(x_ptr, offs_m, M, K, stride_xm, stride_xk, eps, BLOCK_M, BLOCK_K)
+    rows = tl.arange(0, BLOCK_N)
+    offs_n = pid * rows_per_program + rows
+    n_mask = (rows < rows_per_program) & (offs_n < N)
+    rstd = _row_rstd(x_ptr, offs_m, M, K, stride_xm, stride_xk, eps, BLOCK_M, NORM_BLOCK_K)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         xn = _normalized_tile(x_ptr, norm_w_ptr, offs_m, offs_k, rstd, M, K, stride_xm, stride_xk, GEMMA, INTERPRETED)
-        w_mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
+        w_mask = n_mask[:, None] & (offs_k[None, :] < K)
         w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk, mask=w_mask, other=0.0)
         if BLOCK_M >= 16:
             acc = _dot(w, tl.trans(xn), acc, INTERPRETED, IEEE)
@@ -174,14 +194,28 @@ def _rmsnorm_qkv_decode_kernel(
             # tl.dot needs 16 rows; below that, a broadcast multiply-reduce on CUDA cores.
             acc += tl.sum(w.to(tl.float32)[:, None, :] * xn.to(tl.float32)[None, :, :], axis=2)
     if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[:, None]
-    y_mask = (offs_n[:, None] < N) & (offs_m[None, :] < M)
+        acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
     y_ptrs = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None] * stride_yn
-    tl.store(y_ptrs, _round_to(acc, y_ptr.dtype.element_ty, INTERPRETED), mask=y_mask)
+    tl.store(y_ptrs, _round_to(acc, y_ptr.dtype.element_ty, INTERPRETED), mask=n_mask[:, None] & (offs_m[None, :] < M))
 
 
 @triton.jit
-def _rmsnorm_qkv_prefill_kernel(
+def _rmsnorm_kernel(
+    x_ptr, norm_w_ptr, y_ptr, M, K, stride_xm, stride_xk, stride_ym, eps,
+    GEMMA: tl.constexpr, INTERPRETED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """The norm alone, for the split prefill path whose GEMM is cuBLAS's."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rstd = _row_rstd(x_ptr, offs_m, M, K, stride_xm, stride_xk, eps, BLOCK_M, BLOCK_K)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        xn = _normalized_tile(x_ptr, norm_w_ptr, offs_m, offs_k, rstd, M, K, stride_xm, stride_xk, GEMMA, INTERPRETED)
+        mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_k[None, :], xn, mask=mask)
+
+
+@triton.jit
+def _rmsnorm_qkv_gemm_kernel(
     x_ptr, norm_w_ptr, w_ptr, b_ptr, y_ptr,
     M, N, K,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
@@ -232,46 +266,79 @@ def runs_triton(x: Tensor) -> bool:
     return x.device.type == "cpu" and triton_interpreter_enabled() and not is_fake(x)
 
 
-def launch_rmsnorm_qkv(
-    x: Tensor,
-    norm_weight: Tensor,
-    qkv_weight: Tensor,
-    bias: Tensor | None,
-    y: Tensor,
-    eps: float,
-    gemma: bool,
-    config: KernelConfig | None = None,
-) -> None:
-    """Launch the fused kernel for x (M, K), norm_weight (K,), qkv_weight (N, K), bias (N,) or None,
-    writing y (M, N). ``config`` overrides the heuristics (used by the tuning script)."""
+def _kernel_flags(x: Tensor, gemma: bool, config) -> dict:
+    return dict(
+        GEMMA=gemma,
+        INTERPRETED=triton_interpreter_enabled(),
+        IEEE=x.dtype == torch.float32,
+        **{name: value for name, value in vars(config).items() if name != "programs_per_sm"},
+    )
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    # The interpreter runs programs one after another; a few suffice to exercise the row split.
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 3
+
+
+def launch_decode(x, norm_weight, qkv_weight, bias, y, eps: float, gemma: bool, config: DecodeConfig | None = None):
+    """The weight-streaming kernel: x (M, K) with M <= DECODE_MAX_M, qkv_weight (N, K), y (M, N)."""
     M, K = x.shape
     N = qkv_weight.shape[0]
-    decode = M <= DECODE_MAX_M
-    if config is None:
-        config = decode_config(M, N, K) if decode else prefill_config(M, N, K)
-    args = (
+    config = config or decode_config(M, N, K)
+    grid = min(N, _sm_count(x.device) * config.programs_per_sm)
+    rows_per_program = triton.cdiv(N, grid)
+    block_n = max(triton.next_power_of_2(rows_per_program), 16 if config.BLOCK_M >= 16 else 1)
+    wrap_triton(_rmsnorm_qkv_decode_kernel)[(triton.cdiv(N, rows_per_program),)](
+        x, norm_weight, qkv_weight, bias if bias is not None else y, y,
+        M, N, K, rows_per_program,
+        x.stride(0), x.stride(1), qkv_weight.stride(0), qkv_weight.stride(1), y.stride(0), y.stride(1),
+        eps,
+        HAS_BIAS=bias is not None, BLOCK_N=block_n, **_kernel_flags(x, gemma, config),
+    )
+
+
+def launch_gemm(x, norm_weight, qkv_weight, bias, y, eps: float, gemma: bool, config: GemmConfig | None = None):
+    """The fused tiled GEMM: x (M, K), qkv_weight (N, K), y (M, N)."""
+    M, K = x.shape
+    N = qkv_weight.shape[0]
+    config = config or gemm_config(M, N, K)
+    grid = (triton.cdiv(M, config.BLOCK_M) * triton.cdiv(N, config.BLOCK_N),)
+    wrap_triton(_rmsnorm_qkv_gemm_kernel)[grid](
         x, norm_weight, qkv_weight, bias if bias is not None else y, y,
         M, N, K,
         x.stride(0), x.stride(1), qkv_weight.stride(0), qkv_weight.stride(1), y.stride(0), y.stride(1),
         eps,
+        HAS_BIAS=bias is not None, **_kernel_flags(x, gemma, config),
     )
-    flags = dict(
-        HAS_BIAS=bias is not None,
-        GEMMA=gemma,
-        INTERPRETED=triton_interpreter_enabled(),
-        IEEE=x.dtype == torch.float32,
-        BLOCK_M=config.BLOCK_M,
-        BLOCK_N=config.BLOCK_N,
-        BLOCK_K=config.BLOCK_K,
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
+
+
+def launch_norm(x, norm_weight, y, eps: float, gemma: bool) -> None:
+    """The norm alone: x (M, K) into y (M, K), contiguous."""
+    M, K = x.shape
+    block_m, block_k = 4, min(triton.next_power_of_2(K), 2048)
+    wrap_triton(_rmsnorm_kernel)[(triton.cdiv(M, block_m),)](
+        x, norm_weight, y, M, K, x.stride(0), x.stride(1), y.stride(0), eps,
+        GEMMA=gemma, INTERPRETED=triton_interpreter_enabled(), BLOCK_M=block_m, BLOCK_K=block_k, num_warps=4,
     )
-    if decode:
-        grid = (triton.cdiv(N, config.BLOCK_N),)
-        wrap_triton(_rmsnorm_qkv_decode_kernel)[grid](*args, **flags)
-    else:
-        grid = (triton.cdiv(M, config.BLOCK_M) * triton.cdiv(N, config.BLOCK_N),)
-        wrap_triton(_rmsnorm_qkv_prefill_kernel)[grid](*args, **flags, GROUP_M=config.GROUP_M)
+
+
+def rmsnorm_qkv_2d(
+    x: Tensor, norm_weight: Tensor, qkv_weight: Tensor, bias: Tensor | None, eps: float, gemma: bool,
+    prefill: str = DEFAULT_PREFILL,
+) -> Tensor:
+    """Dispatch by token count: x (M, K) -> (M, N). ``prefill`` picks the path for M > DECODE_MAX_M."""
+    M, K = x.shape
+    N = qkv_weight.shape[0]
+    if M <= DECODE_MAX_M or prefill == "fused":
+        y = x.new_empty((M, N))
+        if M > 0:
+            launch = launch_decode if M <= DECODE_MAX_M else launch_gemm
+            launch(x, norm_weight, qkv_weight, bias, y, eps, gemma)
+        return y
+    normed = x.new_empty((M, K))
+    launch_norm(x, norm_weight, normed, eps, gemma)
+    return F.linear(normed, qkv_weight, bias)
 
 
 @triton_op("hf_fused::rmsnorm_qkv", mutates_args=())
@@ -282,12 +349,8 @@ def _rmsnorm_qkv_op(
     if not runs_triton(x):
         return rmsnorm_qkv_ref(x, norm_weight, qkv_weight, bias, eps=eps, norm_style=norm_style)
     K = x.shape[-1]
-    N = qkv_weight.shape[0]
-    x2 = x.reshape(-1, K)
-    y = x2.new_empty((x2.shape[0], N))
-    if x2.shape[0] > 0:
-        launch_rmsnorm_qkv(x2, norm_weight, qkv_weight, bias, y, eps, gemma)
-    return y.view(*x.shape[:-1], N)
+    y = rmsnorm_qkv_2d(x.reshape(-1, K), norm_weight, qkv_weight, bias, eps, gemma)
+    return y.view(*x.shape[:-1], qkv_weight.shape[0])
 
 
 def _check_inputs(x: Tensor, norm_weight: Tensor, qkv_weight: Tensor, bias: Tensor | None, norm_style: str) -> None:

@@ -1,0 +1,86 @@
+"""Sweep kernel configs of the fused RMSNorm+QKV op on the GPU; the heuristics in
+hf_fused/ops/rmsnorm_qkv.py (decode_config, gemm_config) are read off its output.
+
+    python benchmarks/tune_rmsnorm_qkv.py --out out/tune.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_rmsnorm_qkv import SHAPES  # noqa: E402
+from timing import copies_for, environment, time_graph  # noqa: E402
+
+from hf_fused.ops.rmsnorm_qkv import (  # noqa: E402
+    DECODE_MAX_M,
+    DecodeConfig,
+    GemmConfig,
+    decode_config,
+    gemm_config,
+    launch_decode,
+    launch_gemm,
+)
+
+
+def candidate_configs(M: int, K: int) -> list:
+    if M <= DECODE_MAX_M:
+        block_ms = [max(1, 1 << (M - 1).bit_length())] + ([16] if M < 16 else [])
+        grid = itertools.product(block_ms, [128, 256, 512], [4, 8], [3, 4], [1, 2, 4])
+        return [
+            DecodeConfig(bm, bk, max(128, min(1 << (K - 1).bit_length(), 8192 // bm)), w, s, p)
+            for bm, bk, w, s, p in grid
+        ]
+    grid = itertools.product([64, 128], [64, 128, 256], [32, 64, 128], [4, 8], [3, 4])
+    return [GemmConfig(bm, bn, bk, w, s) for bm, bn, bk, w, s in grid if bm * bk + bn * bk <= 256 * 64]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--ms", default="1,16,256,2048,16384")
+    parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--out", default="out/tune_rmsnorm_qkv.json")
+    args = parser.parse_args()
+    dtype = torch.bfloat16
+    results = []
+    for name in args.shapes.split(","):
+        K, N = SHAPES[name]
+        copies = copies_for(N * K * 2)
+        weights = [torch.randn(N, K, device="cuda", dtype=dtype) / K**0.5 for _ in range(copies)]
+        norm_weight = torch.rand(K, device="cuda", dtype=dtype) + 0.5
+        for M in map(int, args.ms.split(",")):
+            x = torch.randn(M, K, device="cuda", dtype=dtype)
+            y = torch.empty(M, N, device="cuda", dtype=dtype)
+            decode = M <= DECODE_MAX_M
+            default = decode_config(M, N, K) if decode else gemm_config(M, N, K)
+            launch = launch_decode if decode else launch_gemm
+            timings = []
+            for config in [default] + candidate_configs(M, K):
+                calls = [(lambda w=w, c=config: launch(x, norm_weight, w, None, y, 1e-5, False, c)) for w in weights]
+                try:
+                    us = time_graph(calls, replays=5)
+                except Exception as error:  # configs past the shared-memory limit fail to compile
+                    print(f"  skip {config}: {type(error).__name__}", file=sys.stderr)
+                    continue
+                timings.append((us, config))
+            timings.sort(key=lambda t: t[0])
+            default_us = next(us for us, c in timings if c == default)
+            best_us, best = timings[0]
+            print(f"{name:14s} M={M:6d} heuristic {default_us:8.2f} us  best {best_us:8.2f} us  {best}")
+            results.append({"shape": name, "M": M, "K": K, "N": N, "heuristic_us": default_us,
+                            "top": [{"us": us, **vars(c)} for us, c in timings[:8]]})
+            del x, y
+        del weights
+        torch.cuda.empty_cache()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({**environment(), "rows": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
