@@ -31,12 +31,10 @@ from hf_fused.ops.rmsnorm_qkv import (  # noqa: E402
 
 def candidate_configs(M: int, K: int) -> list:
     if M <= DECODE_MAX_M:
-        block_ms = [max(1, 1 << (M - 1).bit_length())] + ([16] if M < 16 else [])
-        grid = itertools.product(block_ms, [128, 256, 512], [4, 8], [3, 4], [1, 2, 4])
-        return [
-            DecodeConfig(bm, bk, max(128, min(1 << (K - 1).bit_length(), 8192 // bm)), w, s, p)
-            for bm, bk, w, s, p in grid
-        ]
+        block_ms = [1, 16] if M == 1 else [max(16, 1 << (M - 1).bit_length())]
+        wide_norm = max(128, min(1 << (K - 1).bit_length(), 4096))
+        grid = itertools.product(block_ms, [256, 512], [4, 8], [128, wide_norm], [16, 64, None])
+        return [DecodeConfig(bm, bk, nbk, w, 4, r) for bm, bk, w, nbk, r in grid if bm * nbk <= 8192]
     grid = itertools.product([64, 128], [64, 128, 256], [32, 64, 128], [4, 8], [3, 4])
     return [GemmConfig(bm, bn, bk, w, s) for bm, bn, bk, w, s in grid if bm * bk + bn * bk <= 256 * 64]
 

@@ -68,15 +68,15 @@ def rmsnorm_qkv_ref(
 
 @dataclass(frozen=True)
 class DecodeConfig:
-    """Launch parameters of the weight-streaming kernel. Its grid is programs_per_sm per SM, each
-    streaming an equal share of W's rows, so that no SM idles in a tail wave."""
+    """Launch parameters of the weight-streaming kernel. Each program streams rows_per_program
+    rows of W; None shares the rows equally among the SMs, so that no SM idles in a tail wave."""
 
     BLOCK_M: int
     BLOCK_K: int
     NORM_BLOCK_K: int
     num_warps: int
     num_stages: int
-    programs_per_sm: int
+    rows_per_program: int | None
 
 
 @dataclass(frozen=True)
@@ -94,12 +94,11 @@ class GemmConfig:
 def decode_config(M: int, N: int, K: int) -> DecodeConfig:
     """Heuristic for the weight-streaming kernel, read off benchmarks/tune_rmsnorm_qkv.py on an H100.
 
-    Token rows pad to a power of two; from 16 rows on, the tile goes through tl.dot. The norm
-    pre-pass reads whole rows at once where registers allow: its loads gate the weight stream.
+    One token row streams on CUDA cores; from two rows on, rows pad to 16 or more for tl.dot.
     """
-    block_m = max(1, triton.next_power_of_2(M))
-    norm_block_k = max(128, min(triton.next_power_of_2(K), 8192 // block_m))
-    return DecodeConfig(block_m, 256, norm_block_k, num_warps=4, num_stages=4, programs_per_sm=2)
+    block_m = 1 if M == 1 else max(16, triton.next_power_of_2(M))
+    block_k = 512 if block_m <= 16 else 128  # larger token tiles would overflow shared memory
+    return DecodeConfig(block_m, block_k, 128, num_warps=4, num_stages=3 if block_m > 16 else 4, rows_per_program=None)
 
 
 def gemm_config(M: int, N: int, K: int) -> GemmConfig:
@@ -182,17 +181,24 @@ def _rmsnorm_qkv_decode_kernel(
     offs_n = pid * rows_per_program + rows
     n_mask = (rows < rows_per_program) & (offs_n < N)
     rstd = _row_rstd(x_ptr, offs_m, M, K, stride_xm, stride_xk, eps, BLOCK_M, NORM_BLOCK_K)
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        xn = _normalized_tile(x_ptr, norm_w_ptr, offs_m, offs_k, rstd, M, K, stride_xm, stride_xk, GEMMA, INTERPRETED)
-        w_mask = n_mask[:, None] & (offs_k[None, :] < K)
-        w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk, mask=w_mask, other=0.0)
-        if BLOCK_M >= 16:
+    w_ptrs = w_ptr + offs_n[:, None] * stride_wn
+    if BLOCK_M == 1:
+        # One token: multiply-add on CUDA cores into a (BLOCK_N, BLOCK_K) accumulator and reduce
+        # across K once at the end, keeping cross-thread reductions out of the streaming loop.
+        acc_k = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            xn = _normalized_tile(x_ptr, norm_w_ptr, offs_m, offs_k, rstd, M, K, stride_xm, stride_xk, GEMMA, INTERPRETED)
+            w = tl.load(w_ptrs + offs_k[None, :] * stride_wk, mask=n_mask[:, None] & (offs_k[None, :] < K), other=0.0)
+            acc_k += w.to(tl.float32) * xn.to(tl.float32)
+        acc = tl.sum(acc_k, axis=1)[:, None]
+    else:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            xn = _normalized_tile(x_ptr, norm_w_ptr, offs_m, offs_k, rstd, M, K, stride_xm, stride_xk, GEMMA, INTERPRETED)
+            w = tl.load(w_ptrs + offs_k[None, :] * stride_wk, mask=n_mask[:, None] & (offs_k[None, :] < K), other=0.0)
             acc = _dot(w, tl.trans(xn), acc, INTERPRETED, IEEE)
-        else:
-            # tl.dot needs 16 rows; below that, a broadcast multiply-reduce on CUDA cores.
-            acc += tl.sum(w.to(tl.float32)[:, None, :] * xn.to(tl.float32)[None, :, :], axis=2)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
     y_ptrs = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None] * stride_yn
@@ -271,7 +277,7 @@ def _kernel_flags(x: Tensor, gemma: bool, config) -> dict:
         GEMMA=gemma,
         INTERPRETED=triton_interpreter_enabled(),
         IEEE=x.dtype == torch.float32,
-        **{name: value for name, value in vars(config).items() if name != "programs_per_sm"},
+        **{name: value for name, value in vars(config).items() if name != "rows_per_program"},
     )
 
 
@@ -286,8 +292,7 @@ def launch_decode(x, norm_weight, qkv_weight, bias, y, eps: float, gemma: bool, 
     M, K = x.shape
     N = qkv_weight.shape[0]
     config = config or decode_config(M, N, K)
-    grid = min(N, _sm_count(x.device) * config.programs_per_sm)
-    rows_per_program = triton.cdiv(N, grid)
+    rows_per_program = config.rows_per_program or triton.cdiv(N, min(N, _sm_count(x.device)))
     block_n = max(triton.next_power_of_2(rows_per_program), 16 if config.BLOCK_M >= 16 else 1)
     wrap_triton(_rmsnorm_qkv_decode_kernel)[(triton.cdiv(N, rows_per_program),)](
         x, norm_weight, qkv_weight, bias if bias is not None else y, y,
