@@ -1,0 +1,22 @@
+"""Model knowledge: which families can take the fused op, and how it is put in and taken out."""
+
+from hf_fused.patches.patch import (
+    UnsupportedModelError,
+    VerifyReport,
+    is_patched,
+    patch_model,
+    unpatch_model,
+    verify_patch,
+)
+from hf_fused.patches.specs import SPECS, FamilySpec
+
+__all__ = [
+    "SPECS",
+    "FamilySpec",
+    "UnsupportedModelError",
+    "VerifyReport",
+    "is_patched",
+    "patch_model",
+    "unpatch_model",
+    "verify_patch",
+]

@@ -1,0 +1,353 @@
+"""patch_model on tiny random models of every supported family, against the stock model."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import hf_fused
+from hf_fused.patches import SPECS, FamilySpec
+
+BASE = dict(
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,  # GQA
+    head_dim=16,
+    vocab_size=96,
+    max_position_embeddings=256,
+    initializer_range=0.1,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+MULTIPLIERS = dict(embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.3, logits_scaling=2.0)
+# Per family, what makes its attention differ; sliding windows are shorter than the prompts + new tokens.
+EXTRA = {
+    "llama": dict(),
+    "mistral": dict(sliding_window=8),
+    "mixtral": dict(sliding_window=8, num_local_experts=4, num_experts_per_tok=2),
+    "qwen2": dict(use_sliding_window=True, sliding_window=8, max_window_layers=1),
+    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32),
+    "qwen3": dict(),
+    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32),
+    "gemma": dict(attention_bias=True),
+    "gemma2": dict(sliding_window=8, attn_logit_softcapping=5.0, final_logit_softcapping=3.0, query_pre_attn_scalar=24),
+    "gemma3_text": dict(sliding_window=8, query_pre_attn_scalar=24, layer_types=["sliding_attention", "full_attention"]),
+    "phi3": dict(partial_rotary_factor=0.5, sliding_window=8),
+    "granite": dict(attention_bias=True, **MULTIPLIERS),
+    "granitemoe": dict(num_local_experts=4, num_experts_per_tok=2, **MULTIPLIERS),
+    "smollm3": dict(no_rope_layer_interval=2),  # layer 1 is NoPE
+}
+FAMILIES = sorted(SPECS)
+EAGER_ONLY = {"gemma2"}  # transformers has no sdpa path with its logit softcapping
+LOW_PRECISION_ATOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+def test_every_supported_family_is_tested():
+    assert set(EXTRA) == set(SPECS)
+
+
+def build(family: str, attn: str = "sdpa", seed: int = 0) -> nn.Module:
+    attn = "eager" if family in EAGER_ONLY else attn
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(family, **BASE, **EXTRA[family])
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn)
+    with torch.no_grad():
+        # Gemma norms start at zero and Llama's at one: perturb them all so the norm weight matters.
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.3)
+    return model.eval()
+
+
+def prompt(batch: int = 2, length: int = 10, pad: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids left-padded on row 0, and their attention mask."""
+    ids = torch.randint(3, BASE["vocab_size"], (batch, length), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    ids[0, :pad], mask[0, :pad] = BASE["pad_token_id"], 0
+    return ids, mask
+
+
+def logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask).logits.float()
+
+
+def storage_bytes(model: nn.Module) -> int:
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
+
+
+def snapshot(model: nn.Module) -> tuple:
+    modules = [(name, id(m)) for name, m in model.named_modules()]
+    forwards = [name for name, m in model.named_modules() if "forward" in m.__dict__]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    return modules, forwards, state
+
+
+def assert_same_snapshot(a: tuple, b: tuple) -> None:
+    assert a[0] == b[0] and a[1] == b[1]
+    assert list(a[2]) == list(b[2])
+    assert all(torch.equal(a[2][k], b[2][k]) for k in a[2])
+
+
+@pytest.mark.parametrize(
+    "family, attn", [(f, a) for f in FAMILIES for a in ("eager", "sdpa") if a == "eager" or f not in EAGER_ONLY]
+)
+def test_logits_match(family, attn):
+    stock = build(family, attn)
+    model = hf_fused.patch_model(copy.deepcopy(stock))
+    assert hf_fused.is_patched(model) and not hf_fused.is_patched(stock)
+    ids, mask = prompt()
+    ref32 = logits(stock, ids, mask)
+    torch.testing.assert_close(logits(model, ids, mask), ref32, rtol=1e-5, atol=1e-5)
+    # Casting after patching must carry the fused weights along. The fused model may err at
+    # most twice as much as the stock model in the same precision, against fp32.
+    for dtype, atol in LOW_PRECISION_ATOL.items():
+        stock_err = (logits(stock.to(dtype), ids, mask) - ref32).abs().max()
+        fused_err = (logits(model.to(dtype), ids, mask) - ref32).abs().max()
+        assert fused_err <= 2 * stock_err + atol, (dtype, fused_err, stock_err)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_generate_matches(family):
+    stock = build(family)
+    model = hf_fused.patch_model(copy.deepcopy(stock))
+    ids, mask = prompt()
+    kwargs = dict(attention_mask=mask, max_new_tokens=16, do_sample=False, pad_token_id=BASE["pad_token_id"])
+    # Left padding with a mask, dynamic cache, then the static cache.
+    for extra in ({}, {"cache_implementation": "static"}):
+        with torch.no_grad():
+            want = stock.generate(ids, **kwargs, **extra)
+            got = model.generate(ids, **kwargs, **extra)
+        assert want.shape[1] == ids.shape[1] + 16
+        assert torch.equal(got, want), extra
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_unpatch_restores_exactly(family):
+    model = build(family)
+    ids, mask = prompt()
+    before, want = snapshot(model), logits(model, ids, mask)
+    params = [(name, id(p)) for name, p in model.named_parameters()]
+    hf_fused.unpatch_model(hf_fused.patch_model(model))
+    assert not hf_fused.is_patched(model)
+    assert_same_snapshot(snapshot(model), before)
+    assert [(name, id(p)) for name, p in model.named_parameters()] == params
+    assert torch.equal(logits(model, ids, mask), want)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_state_dict_keeps_keys_and_loads_both_ways(family):
+    stock = build(family)
+    model = hf_fused.patch_model(copy.deepcopy(stock))
+    want, got = stock.state_dict(), model.state_dict()
+    assert list(got) == list(want)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    # A standard state_dict loads into the patched model, and the patched one into a stock model.
+    other = hf_fused.patch_model(build(family, seed=1))
+    other.load_state_dict(want)
+    ids, mask = prompt()
+    torch.testing.assert_close(logits(other, ids, mask), logits(stock, ids, mask), rtol=1e-5, atol=1e-5)
+    plain = build(family, seed=2)
+    plain.load_state_dict(got)
+    assert torch.equal(logits(plain, ids, mask), logits(stock, ids, mask))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_save_pretrained_loads_into_plain_transformers(family, tmp_path):
+    stock = build(family)
+    hf_fused.patch_model(copy.deepcopy(stock)).save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation=stock.config._attn_implementation).eval()
+    assert not hf_fused.is_patched(loaded)
+    ids, mask = prompt()
+    assert torch.equal(logits(loaded, ids, mask), logits(stock, ids, mask))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_no_memory_growth(family):
+    model = build(family)
+    before = storage_bytes(model)
+    hf_fused.patch_model(model)
+    assert abs(storage_bytes(model) - before) <= 0.01 * before
+    # verify_patch unpatches and repatches: the fused buffer is reused, not copied.
+    fused = model.model.layers[0].self_attn.qkv_fused
+    ptr = (fused.packed if fused.packed is not None else fused).weight.data_ptr()
+    assert hf_fused.verify_patch(model, prompt()[0]).ok
+    fused = model.model.layers[0].self_attn.qkv_fused
+    assert (fused.packed if fused.packed is not None else fused).weight.data_ptr() == ptr
+    assert abs(storage_bytes(model) - before) <= 0.01 * before
+    hf_fused.unpatch_model(model)
+    assert abs(storage_bytes(model) - before) <= 0.01 * before
+
+
+def test_verify_patch_reports_and_leaves_model_patched():
+    model = hf_fused.patch_model(build("qwen3"), verify=True)
+    ids, mask = prompt()
+    want = logits(model, ids, mask)
+    model.train()
+    report = hf_fused.verify_patch(model, ids, mask)
+    assert report.ok and report.top1_agreement == 1.0 and report.rel_err < 1e-5 and report.max_abs_diff < 1e-4
+    assert hf_fused.is_patched(model) and all(m.training for m in model.modules())
+    assert torch.equal(logits(model.eval(), ids, mask), want)
+    with pytest.raises(ValueError):
+        hf_fused.verify_patch(build("llama"), ids)
+
+
+def test_verify_failure_unpatches_and_raises(monkeypatch):
+    # Misdeclare llama's norm as gemma-style: verify must catch it and undo the patch.
+    monkeypatch.setitem(SPECS, "llama", FamilySpec(norm_style="gemma"))
+    model = build("llama")
+    before = snapshot(model)
+    with pytest.raises(RuntimeError, match="disagrees"):
+        hf_fused.patch_model(model, verify=True)
+    assert not hf_fused.is_patched(model)
+    assert_same_snapshot(snapshot(model), before)
+
+
+def test_double_patch_is_a_noop_and_other_models_are_untouched():
+    attention_class_forward = type(build("llama").model.layers[0].self_attn).forward
+    model, other = build("llama"), build("llama")
+    ids, mask = prompt()
+    other_logits, other_before = logits(other, ids, mask), snapshot(other)
+    hf_fused.patch_model(model)
+    modules = [(name, id(m)) for name, m in model.named_modules()]
+    hf_fused.patch_model(model)
+    assert [(name, id(m)) for name, m in model.named_modules()] == modules
+    assert type(model.model.layers[0].self_attn).forward is attention_class_forward
+    assert_same_snapshot(snapshot(other), other_before)
+    assert torch.equal(logits(other, ids, mask), other_logits)
+
+
+def test_deepcopy_of_patched_model_is_independent():
+    model = hf_fused.patch_model(build("qwen2"))
+    clone = copy.deepcopy(model)
+    ids, mask = prompt()
+    want = logits(model, ids, mask)
+    with torch.no_grad():
+        model.model.layers[0].self_attn.qkv_fused.weight.mul_(2)
+    assert torch.equal(logits(clone, ids, mask), want)
+    hf_fused.unpatch_model(clone)
+    assert not hf_fused.is_patched(clone) and hf_fused.is_patched(model)
+
+
+def test_compile_fullgraph():
+    stock = build("llama")
+    model = hf_fused.patch_model(copy.deepcopy(stock))
+    ids, mask = prompt()
+    compiled = torch.compile(model, fullgraph=True, backend="inductor")
+    with torch.no_grad():
+        got = compiled(input_ids=ids, attention_mask=mask).logits.float()
+    torch.testing.assert_close(got, logits(stock, ids, mask), rtol=1e-5, atol=1e-5)
+
+
+def _unsupported_models():
+    tiny = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=64, intermediate_size=64)
+    for model_type, extra in [
+        ("olmo2", {}),
+        ("cohere", {"pad_token_id": 0}),
+        ("gpt2", {"n_embd": 32, "n_layer": 1, "n_head": 2}),
+        ("bert", {}),
+    ]:
+        yield model_type, lambda mt=model_type, e=extra: _auto(mt, **{**tiny, **e})
+    yield "my_llama", _unknown_model
+
+
+def _auto(model_type: str, **kwargs) -> nn.Module:
+    from transformers import AutoModel
+
+    return AutoModel.from_config(AutoConfig.for_model(model_type, **kwargs))
+
+
+def _unknown_model() -> nn.Module:
+    model = build("llama")
+    model.config.model_type = "my_llama"
+    return model
+
+
+@pytest.mark.parametrize("model_type, make", list(_unsupported_models()), ids=lambda v: v if isinstance(v, str) else "")
+def test_refuses_unsupported_families(model_type, make):
+    model = make()
+    before = snapshot(model)
+    with pytest.raises(hf_fused.UnsupportedModelError, match=model_type) as err:
+        hf_fused.patch_model(model)
+    assert "llama" in str(err.value) and "phi3" in str(err.value)
+    assert isinstance(err.value, ValueError)
+    assert_same_snapshot(snapshot(model), before)
+
+
+class QuantLinear(nn.Linear):
+    """Stands in for a quantized linear: a subclass computes something else."""
+
+
+class LoraWrapped(nn.Module):
+    def __init__(self, base: nn.Linear) -> None:
+        super().__init__()
+        self.base_layer = base
+        self.in_features, self.out_features = base.in_features, base.out_features
+
+    def forward(self, x):
+        return self.base_layer(x)
+
+
+def _swap_proj(wrap):
+    def mutate(model):
+        attn = model.model.layers[1].self_attn
+        attn.k_proj = wrap(attn.k_proj)
+
+    return mutate
+
+
+def _quantized(lin: nn.Linear) -> nn.Linear:
+    q = QuantLinear(lin.in_features, lin.out_features, bias=False)
+    q.weight = lin.weight
+    return q
+
+
+def _half_k_proj(model):
+    model.model.layers[1].self_attn.k_proj.half()
+
+
+def _normless(model):
+    model.model.layers[1].input_layernorm = nn.Identity()
+
+
+@pytest.mark.parametrize(
+    "mutate, match",
+    [
+        (_swap_proj(_quantized), "QuantLinear"),
+        (_swap_proj(LoraWrapped), "LoraWrapped"),
+        (_half_k_proj, "dtype"),
+        (_normless, "Identity"),
+    ],
+    ids=["quantized", "lora", "dtype-mismatch", "no-norm-weight"],
+)
+def test_refuses_layers_it_cannot_fuse_exactly(mutate, match):
+    model = build("llama")
+    mutate(model)
+    before = snapshot(model)
+    with pytest.raises(hf_fused.UnsupportedModelError, match=match):
+        hf_fused.patch_model(model)
+    assert_same_snapshot(snapshot(model), before)
+    assert not hf_fused.is_patched(model)
+
+
+def test_refuses_meta_weights():
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **BASE))
+    modules = [(name, id(m)) for name, m in model.named_modules()]
+    with pytest.raises(hf_fused.UnsupportedModelError, match="meta"):
+        hf_fused.patch_model(model)
+    assert [(name, id(m)) for name, m in model.named_modules()] == modules
+    assert not hf_fused.is_patched(model)
+
+
+@pytest.mark.parametrize("thing", [object(), nn.Linear(4, 4), "llama"], ids=["object", "module", "str"])
+def test_refuses_non_models(thing):
+    with pytest.raises(hf_fused.UnsupportedModelError):
+        hf_fused.patch_model(thing)
+    assert not hf_fused.is_patched(thing)
