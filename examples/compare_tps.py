@@ -254,11 +254,14 @@ def main(argv: list[str] | None = None) -> int:
             "gb_s": "weight bytes * decode steps/s (each step reads every weight once)",
             "pct_copy_bw": "gb_s / measured device-to-device copy bandwidth (read + write bytes)",
             "speedup": "patched tok/s / unpatched tok/s, same mode and batch",
+            "peak_mem_gib": "torch.cuda.max_memory_allocated over the timed runs of the cell, weights included",
         },
     }
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    slug = re.sub(r"[^A-Za-z0-9.]+", "-", (args.shape or args.model).split("/")[-1]).strip("-") + f"-{device.type}"
+    # Named by model, device and time, so that runs split over several commands don't overwrite.
+    name = re.sub(r"[^A-Za-z0-9.]+", "-", (args.shape or args.model).split("/")[-1]).strip("-")
+    slug = f"{name}-{device.type}-{time.strftime('%Y%m%d-%H%M%S')}"
     json_path, png_path = out_dir / f"{slug}.json", out_dir / f"{slug}.png"
 
     # The logits check comes first: a fast wrong kernel must not produce a speed table.

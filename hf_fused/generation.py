@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,7 +38,10 @@ class _State:
     steps: dict[bool, Callable[..., Tensor]] = field(default_factory=dict)
 
 
-_STATES: weakref.WeakKeyDictionary[nn.Module, _State] = weakref.WeakKeyDictionary()
+# The state lives on the model, not in a global table: its compiled step refers to the model, so
+# a global (even weak-keyed) table would keep every model alive; an attribute makes a cycle that
+# the garbage collector frees with the model.
+_STATE_ATTR = "_hf_fused_generation_state"
 
 
 def _accepts(model: nn.Module, name: str) -> bool:
@@ -91,7 +93,7 @@ def _make_step(model: nn.Module, state: _State, compiled: bool) -> Callable[...,
 
 def reset(model: nn.Module) -> None:
     """Drop the cache and compiled decode step kept for ``model`` (e.g. after patching it)."""
-    _STATES.pop(model, None)
+    model.__dict__.pop(_STATE_ATTR, None)
 
 
 @torch.no_grad()
@@ -137,7 +139,7 @@ def generate(
     if eos is not None and pad_token_id is None:
         pad_token_id = int(eos[0])
 
-    state = _STATES.setdefault(model, _State())
+    state = model.__dict__.setdefault(_STATE_ATTR, _State())
     dtype = next(model.parameters()).dtype
     cache = _get_cache(model, state, batch, prompt_len + max_new_tokens, dtype)
     if compiled not in state.steps:

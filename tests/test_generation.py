@@ -91,3 +91,15 @@ def test_bad_arguments(model, ids):
         generation.generate(model, ids, 0)
     with pytest.raises(ValueError, match="batch, seq"):
         generation.generate(model, ids[0], NEW)
+
+
+def test_state_is_freed_with_the_model():
+    import gc
+    import weakref
+
+    model = build_random_model("tiny-llama")
+    generation.generate(model, torch.randint(256, (1, 4)), 2)
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None
