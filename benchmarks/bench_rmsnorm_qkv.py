@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -187,7 +188,7 @@ def main() -> None:
         for M in map(int, args.ms.split(",")):
             row = bench_point(name, M, bandwidth, flops, compiled3, compiled1)
             rows.append(row)
-            print(f"{name:14s} M={M:6d} fused {row['fused_graph_us']:8.1f} us, floor {row['floor_us']:8.1f} us, "
+            print(f"{time.strftime('%X')} {name:14s} M={M:6d} fused {row['fused_graph_us']:8.1f} us, floor {row['floor_us']:8.1f} us, "
                   f"best peer {min(row[f'{p}_graph_us'] for p in PEERS):8.1f} us", flush=True)
 
     out = Path(args.out)

@@ -68,9 +68,9 @@ def main() -> None:
                     continue
                 timings.append((us, config))
             timings.sort(key=lambda t: t[0])
-            default_us = next(us for us, c in timings if c == default)
+            default_us = next((us for us, c in timings if c == default), float("nan"))  # nan: failed to compile
             best_us, best = timings[0]
-            print(f"{name:14s} M={M:6d} heuristic {default_us:8.2f} us  best {best_us:8.2f} us  {best}")
+            print(f"{name:14s} M={M:6d} heuristic {default_us:8.2f} us  best {best_us:8.2f} us  {best}", flush=True)
             results.append({"shape": name, "M": M, "K": K, "N": N, "heuristic_us": default_us,
                             "top": [{"us": us, **vars(c)} for us, c in timings[:8]]})
             del x, y

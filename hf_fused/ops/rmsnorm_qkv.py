@@ -94,11 +94,18 @@ class GemmConfig:
 def decode_config(M: int, N: int, K: int) -> DecodeConfig:
     """Heuristic for the weight-streaming kernel, read off benchmarks/tune_rmsnorm_qkv.py on an H100.
 
-    One token row streams on CUDA cores; from two rows on, rows pad to 16 or more for tl.dot.
+    One token streams on CUDA cores, its whole row normalized up front (those loads gate the
+    weight stream). From two tokens on, rows pad to 16 or more and go through tl.dot, with
+    K-tiles small enough that the pipelined weight and token tiles fit in shared memory.
     """
-    block_m = 1 if M == 1 else max(16, triton.next_power_of_2(M))
-    block_k = 512 if block_m <= 16 else 128  # larger token tiles would overflow shared memory
-    return DecodeConfig(block_m, block_k, 128, num_warps=4, num_stages=3 if block_m > 16 else 4, rows_per_program=None)
+    large = N * K >= 4096 * 4096
+    if M == 1:
+        norm_block_k = min(triton.next_power_of_2(K), 4096)
+        return DecodeConfig(1, 512, norm_block_k, num_warps=4, num_stages=4, rows_per_program=16 if large else 8)
+    block_m = max(16, triton.next_power_of_2(M))
+    if block_m == 16:
+        return DecodeConfig(16, 128, 128, num_warps=8, num_stages=4, rows_per_program=64 if large else 32)
+    return DecodeConfig(block_m, 64, 128, num_warps=4, num_stages=3, rows_per_program=64)
 
 
 def gemm_config(M: int, N: int, K: int) -> GemmConfig:
