@@ -41,7 +41,14 @@ from transformers import CompileConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import hf_fused  # noqa: E402
-from example_utils import add_model_args, environment, kernel_path, load_from_args, patched_layers, resolve_device_dtype  # noqa: E402
+from example_utils import (  # noqa: E402
+    add_model_args,
+    environment,
+    kernel_path,
+    load_from_args,
+    patched_layers,
+    resolve_device_dtype,
+)
 from hf_fused import generation  # noqa: E402
 from hf_fused.models import weight_bytes  # noqa: E402
 
@@ -271,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     meta["patched_layers"] = patched_layers(model)
     meta["verify"] = {"max_abs_diff": report.max_abs_diff, "rel_err": report.rel_err,
                       "top1_agreement": report.top1_agreement, "rtol": report.rtol, "ok": report.ok}
-    print(f"model: {label}, {model.config.model_type}, {meta['dtype']}, {wbytes / 1e9:.3f} GB of weights read per step; "
+    print(f"model: {label}, {model.config.model_type}, {meta['dtype']}, "
+          f"{wbytes / 1e9:.3f} GB of weights read per step; "
           f"patched {meta['patched_layers']} layers; kernel: {meta['kernel_path']}")
     print(f"logits check: max |diff| {report.max_abs_diff:.3g}, relative error {report.rel_err:.3g} "
           f"(limit {report.rtol:g}), top-1 agreement {report.top1_agreement:.1%}")

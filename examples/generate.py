@@ -17,7 +17,14 @@ from transformers import TextStreamer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import hf_fused  # noqa: E402
-from example_utils import add_model_args, environment, kernel_path, load_from_args, patched_layers, resolve_device_dtype  # noqa: E402
+from example_utils import (  # noqa: E402
+    add_model_args,
+    environment,
+    kernel_path,
+    load_from_args,
+    patched_layers,
+    resolve_device_dtype,
+)
 
 
 class IdStreamer:

@@ -9,7 +9,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from hf_fused import models
-from hf_fused.models import SHAPES, build_random_model, load_model, shape_config, weight_bytes
+from hf_fused.models import build_random_model, load_model, shape_config, weight_bytes
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
