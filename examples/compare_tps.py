@@ -168,6 +168,10 @@ def markdown_table(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"prompt {meta['prompt_len']} + {meta['new_tokens']} new tokens, greedy; median of {meta['repeats']}; "
         f"kernel: {meta['kernel_path']}; copy bandwidth {fmt(meta['copy_bandwidth_gbs'], '.0f')} GB/s",
         "",
+        "tok/s = batch x decode steps/s, prefill excluded; GB/s = weight bytes x decode steps/s "
+        f"({meta['weight_bytes'] / 1e9:.3f} GB read once per step, whatever the batch); "
+        "% of copy BW = GB/s over the measured device-to-device copy",
+        "",
         "| mode | batch | unpatched tok/s | patched tok/s | speedup | patched ms/token | patched GB/s "
         "| % of copy BW | peak mem GiB |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
