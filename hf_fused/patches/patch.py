@@ -63,7 +63,7 @@ def _family(model: nn.Module) -> tuple[str, FamilySpec]:
 
 def _check_layer(attn: nn.Module, norm: nn.Module, spec: FamilySpec, where: str) -> _Layer:
     weight = getattr(norm, "weight", None)
-    if not (type(norm).__name__.endswith("RMSNorm") and isinstance(weight, nn.Parameter) and weight.dim() == 1):
+    if not (isinstance(weight, nn.Parameter) and weight.dim() == 1):
         raise UnsupportedModelError(f"{where}.input_layernorm is {type(norm).__name__}, not an RMSNorm with a weight")
     if norm_eps(norm) is None:
         raise UnsupportedModelError(f"{where}.input_layernorm has no float eps/variance_epsilon")
@@ -99,7 +99,28 @@ def _plan(model: nn.Module) -> tuple[str, FamilySpec, list[_Layer]]:
         layers.append(_check_layer(attn, norm, spec, where))
     if not layers:
         raise UnsupportedModelError(f"no decoder layer with input_layernorm and self_attn found in {model_type} model")
+    for norm in {type(layer.norm): layer.norm for layer in layers}.values():
+        if not _computes_norm_style(norm, spec.norm_style):
+            raise UnsupportedModelError(
+                f"{type(norm).__name__} in this {model_type} model does not compute a {spec.norm_style}-style RMSNorm"
+            )
     return model_type, spec, layers
+
+
+def _computes_norm_style(norm: nn.Module, style: str) -> bool:
+    """Run one norm of each class on a small input: the op must reproduce what it computes,
+    whatever its name says (a kernelized forward, or a class whose numerics changed)."""
+    weight = norm.weight
+    x = (3 * torch.randn(4, weight.shape[0], generator=torch.Generator().manual_seed(0))).to(weight)
+    x32 = x.float()
+    with torch.no_grad():
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + norm_eps(norm))
+        want = (normed * (1 + weight.float())).to(x.dtype) if style == "gemma" else weight * normed.to(x.dtype)
+        try:
+            got = norm(x)
+        except Exception:
+            return False
+    return isinstance(got, Tensor) and got.shape == want.shape and torch.allclose(got, want, rtol=2e-2, atol=1e-3)
 
 
 def _patch_layer(layer: _Layer, spec: FamilySpec) -> None:
