@@ -136,7 +136,7 @@ def format_table(rows) -> str:
         best_peer = min(r[f"{p}_graph_us"] for p in PEERS)
         lines.append(
             f"| {r['shape']} | {r['M']} | {us:.1f} | {r['bytes'] / us / 1e3:.0f} "
-            f"| {2 * r['M'] * r['N'] * r['K'] / us / 1e6:.1f} | {100 * r['floor_us'] / us:.0f}% "
+            f"| {2 * r['M'] * r['N'] * r['K'] / us / 1e6:.1f} | {100 * r['floor_us'] / us:.0f}% | "
             + " | ".join(f"{r[f'{p}_graph_us']:.1f}" for p in PEERS)
             + f" | {r['floor_us']:.1f} | {best_peer / us:.2f}x "
             + (f"| {r['fused_gemm_graph_us']:.1f} " if "fused_gemm_graph_us" in r else "| - ")
@@ -168,12 +168,23 @@ def plot(rows, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def print_table(result: dict) -> None:
+    print(f"{result['gpu']}, torch {result['torch']}, triton {result['triton']}, {result['date']}; "
+          f"copy {result['copy_Bps'] / 1e12:.2f} TB/s, matmul {result['matmul_flops'] / 1e12:.0f} TFLOP/s; "
+          "bf16; µs per call, CUDA graph")
+    print(format_table(result["rows"]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ms", default="1,16,256,2048,16384")
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--out", default="out")
+    parser.add_argument("--table", metavar="JSON", help="print the table of an earlier run's JSON and exit")
     args = parser.parse_args()
+    if args.table:
+        print_table(json.loads(Path(args.table).read_text()))
+        return
     torch.manual_seed(0)
     env = environment()
     bandwidth, flops = measure_copy_bandwidth(), measure_matmul_flops()
@@ -196,9 +207,8 @@ def main() -> None:
     result = {**env, "copy_Bps": bandwidth, "matmul_flops": flops, "rows": rows}
     (out / "bench_rmsnorm_qkv.json").write_text(json.dumps(result, indent=1))
     plot(rows, out / "bench_rmsnorm_qkv.png")
-    print(f"\n{env['gpu']}, torch {env['torch']}, triton {env['triton']}, {env['date']}; "
-          f"copy {bandwidth / 1e12:.2f} TB/s, matmul {flops / 1e12:.0f} TFLOP/s; bf16; µs per call, CUDA graph")
-    print(format_table(rows))
+    print()
+    print_table(result)
 
 
 if __name__ == "__main__":
