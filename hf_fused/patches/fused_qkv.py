@@ -73,13 +73,18 @@ class Rows(nn.Module):
         return f"rows={self.start}:{self.stop}"
 
 
-def identity_forward(self: nn.Module, hidden_states: Tensor) -> Tensor:
+# Instance forwards are bound with functools.partial, not MethodType: a partial of a module-level
+# function pickles (torch.save(model)) and deep-copies onto the copied module.
+def identity_forward(module: nn.Module, hidden_states: Tensor) -> Tensor:
     return hidden_states
 
 
-def fused_attention_forward(self: nn.Module, hidden_states: Tensor, *args, **kwargs):
-    fused = self.qkv_fused
-    return fused.attn_forward(fused(hidden_states), *args, **kwargs)
+def fused_attention_forward(attn: nn.Module, hidden_states: Tensor, *args, **kwargs):
+    fused = attn.qkv_fused
+    qkv = fused(hidden_states)
+    if fused.inner_forward is not None:  # an instance forward that was there before (accelerate hooks)
+        return fused.inner_forward(qkv, *args, **kwargs)
+    return type(attn).forward(attn, qkv, *args, **kwargs)
 
 
 def stack_rows(parts: list[Tensor]) -> Tensor:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from types import MethodType
+from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -128,7 +128,8 @@ def _patch_layer(layer: _Layer, spec: FamilySpec) -> None:
     if spec.qkv == "packed":
         (proj,) = layer.projs.values()
         fused = FusedRMSNormQKV(norm, spec.norm_style, packed=proj)
-        proj.forward = MethodType(identity_forward, proj)
+        fused.packed_forward = proj.__dict__.get("forward")
+        proj.forward = partial(identity_forward, proj)
     else:
         key_order = list(attn.state_dict(keep_vars=True))
         projs = list(layer.projs.values())
@@ -154,25 +155,23 @@ def _patch_layer(layer: _Layer, spec: FamilySpec) -> None:
             attn.register_load_state_dict_pre_hook(load_state_dict_pre_hook),
         ]
     # Instance forwards that were already there (accelerate hooks) are wrapped and restored.
-    fused.saved_forwards = {"attn": attn.__dict__.get("forward"), "norm": norm.__dict__.get("forward")}
-    fused.attn_forward = attn.forward
+    fused.inner_forward, fused.norm_forward = attn.__dict__.get("forward"), norm.__dict__.get("forward")
     attn.qkv_fused = fused.train(attn.training)
-    attn.forward = MethodType(fused_attention_forward, attn)
+    attn.forward = partial(fused_attention_forward, attn)
     # The layer takes its residual before the norm, so the norm can pass its input through.
-    norm.forward = MethodType(identity_forward, norm)
+    norm.forward = partial(identity_forward, norm)
 
 
 def _restore_forward(module: nn.Module, saved) -> None:
+    module.__dict__.pop("forward", None)
     if saved is not None:
         module.forward = saved
-    else:
-        module.__dict__.pop("forward", None)
 
 
 def _unpatch_attention(attn: nn.Module) -> None:
     fused = attn.qkv_fused
     if fused.packed is not None:
-        fused.packed.__dict__.pop("forward", None)
+        _restore_forward(fused.packed, fused.packed_forward)
     else:
         for hook in fused.hooks:
             hook.remove()
@@ -187,8 +186,8 @@ def _unpatch_attention(attn: nn.Module) -> None:
                 proj.bias.data = bias[start:stop]
                 proj.bias.requires_grad_(fused.bias.requires_grad)
             setattr(attn, name, proj)
-    _restore_forward(attn, fused.saved_forwards["attn"])
-    _restore_forward(fused.norm, fused.saved_forwards["norm"])
+    _restore_forward(attn, fused.inner_forward)
+    _restore_forward(fused.norm, fused.norm_forward)
     del attn.qkv_fused
 
 
