@@ -122,7 +122,7 @@ def test_greedy_generate_matches(family):
     stock = build(family)
     model = hf_fused.patch_model(copy.deepcopy(stock))
     ids, mask = prompt()
-    kwargs = dict(attention_mask=mask, max_new_tokens=16, do_sample=False, pad_token_id=BASE["pad_token_id"])
+    kwargs = dict(attention_mask=mask, max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0)
     # Left padding with a mask, dynamic cache, then the static cache.
     for extra in ({}, {"cache_implementation": "static"}):
         with torch.no_grad():

@@ -55,7 +55,7 @@ class FusedRMSNormQKV(nn.Module):
         return f"norm_style={self.norm_style!r}" + (", packed" if self.packed is not None else "")
 
 
-class Rows(nn.Module):
+class QKVSlice(nn.Module):
     """Stands in for q_proj, k_proj or v_proj: its columns of the fused output.
 
     A last-dim slice of the contiguous fused output still allows the .view(B, S, H, D) the
@@ -70,7 +70,7 @@ class Rows(nn.Module):
         return x[..., self.start : self.stop]
 
     def extra_repr(self) -> str:
-        return f"rows={self.start}:{self.stop}"
+        return f"qkv_fused[..., {self.start}:{self.stop}]"
 
 
 # Instance forwards are bound with functools.partial, not MethodType: a partial of a module-level

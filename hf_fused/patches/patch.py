@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from hf_fused.patches.fused_qkv import (
     QKV_NAMES,
     FusedRMSNormQKV,
-    Rows,
+    QKVSlice,
     fused_attention_forward,
     identity_forward,
     load_state_dict_pre_hook,
@@ -148,7 +148,7 @@ def _patch_layer(layer: _Layer, spec: FamilySpec) -> None:
             for p in (proj.weight, proj.bias):
                 if p is not None:
                     p.data = p.data.new_empty(0)
-            setattr(attn, name, Rows(*bounds[name]).train(attn.training))
+            setattr(attn, name, QKVSlice(*bounds[name]).train(attn.training))
         fused.bounds, fused.key_order, fused.originals = bounds, key_order, layer.projs
         fused.hooks = [
             attn.register_state_dict_post_hook(state_dict_post_hook),
