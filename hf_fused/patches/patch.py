@@ -249,7 +249,8 @@ class VerifyReport:
 def _probe_ids(model: nn.Module) -> Tensor:
     emb = model.get_input_embeddings()
     generator = torch.Generator().manual_seed(0)
-    return torch.randint(emb.num_embeddings, (1, 16), generator=generator).to(emb.weight.device)
+    # Low ids: multimodal placeholders (image tokens) sit at the end of the vocabulary.
+    return torch.randint(min(emb.num_embeddings, 1000), (1, 16), generator=generator).to(emb.weight.device)
 
 
 def _logits(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
