@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -298,7 +298,12 @@ def launch_decode(x, norm_weight, qkv_weight, bias, y, eps: float, gemma: bool, 
     """The weight-streaming kernel: x (M, K) with M <= DECODE_MAX_M, qkv_weight (N, K), y (M, N)."""
     M, K = x.shape
     N = qkv_weight.shape[0]
-    config = config or decode_config(M, N, K)
+    if config is None:
+        config = decode_config(M, N, K)
+        if triton_interpreter_enabled():
+            # The interpreter runs programs one after another in Python: a few large ones
+            # (an equal share of rows for each of _sm_count's programs) run far faster.
+            config = replace(config, rows_per_program=None)
     rows_per_program = config.rows_per_program or triton.cdiv(N, min(N, _sm_count(x.device)))
     block_n = max(triton.next_power_of_2(rows_per_program), 16 if config.BLOCK_M >= 16 else 1)
     wrap_triton(_rmsnorm_qkv_decode_kernel)[(triton.cdiv(N, rows_per_program),)](
