@@ -14,7 +14,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from hf_fused.models import DEFAULT_MODEL, SHAPES, load_model
-from hf_fused.patches.fused_qkv import FusedRMSNormQKV
+from hf_fused.patches.fused import FusedRMSNormQKV
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}

@@ -16,6 +16,7 @@ from hf_fused.ops import rmsnorm_qkv, rmsnorm_qkv_ref
 
 # The package exports a function of the same name, which shadows the module as an attribute.
 op_module = importlib.import_module("hf_fused.ops.rmsnorm_qkv")
+common = importlib.import_module("hf_fused.ops._common")
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -119,7 +120,7 @@ def test_zero_tokens():
 
 def test_reference_path_without_triton(monkeypatch):
     """On CPU without the interpreter, the op is the plain PyTorch computation, bit for bit."""
-    monkeypatch.setattr(op_module, "triton_interpreter_enabled", lambda: False)
+    monkeypatch.setattr(common, "triton_interpreter_enabled", lambda: False)
     x, norm_weight, qkv_weight, bias = make_inputs(7, 64, 96, torch.bfloat16, bias=True, device="cpu")
     y = rmsnorm_qkv(x, norm_weight, qkv_weight, bias, eps=EPS, norm_style="gemma")
     assert torch.equal(y, rmsnorm_qkv_ref(x, norm_weight, qkv_weight, bias, eps=EPS, norm_style="gemma"))

@@ -9,7 +9,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import hf_fused
 from hf_fused.patches import SPECS, FamilySpec
-from hf_fused.patches.fused_qkv import FusedRMSNormQKV
+from hf_fused.patches.fused import FusedRMSNormQKV
 
 BASE = dict(
     hidden_size=64,
@@ -210,10 +210,10 @@ def test_verify_patch_reports_and_leaves_model_patched():
 
 def test_verify_failure_unpatches_and_raises(monkeypatch):
     # A kernel off by 1%: verify must catch it and undo the patch.
-    from hf_fused.patches import fused_qkv
+    from hf_fused.patches import fused
 
-    real = fused_qkv.rmsnorm_qkv
-    monkeypatch.setattr(fused_qkv, "rmsnorm_qkv", lambda *args, **kwargs: 1.01 * real(*args, **kwargs))
+    real = fused.rmsnorm_qkv
+    monkeypatch.setattr(fused, "rmsnorm_qkv", lambda *args, **kwargs: 1.01 * real(*args, **kwargs))
     model = build("llama")
     before = snapshot(model)
     with pytest.raises(RuntimeError, match="disagrees"):

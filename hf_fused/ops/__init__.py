@@ -1,5 +1,6 @@
 """Triton kernels with their PyTorch references; they know nothing of transformers."""
 
+from hf_fused.ops.rmsnorm_gate_up import rmsnorm_gate_up, rmsnorm_gate_up_ref
 from hf_fused.ops.rmsnorm_qkv import rmsnorm_qkv, rmsnorm_qkv_ref
 
-__all__ = ["rmsnorm_qkv", "rmsnorm_qkv_ref"]
+__all__ = ["rmsnorm_gate_up", "rmsnorm_gate_up_ref", "rmsnorm_qkv", "rmsnorm_qkv_ref"]

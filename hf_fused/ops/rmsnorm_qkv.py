@@ -19,8 +19,6 @@ Paths, chosen by M:
 
 from __future__ import annotations
 
-import functools
-import os
 from dataclasses import dataclass, replace
 
 import torch
@@ -28,10 +26,22 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch._subclasses.fake_tensor import is_fake
 from torch.library import triton_op, wrap_triton
 
-NORM_STYLES = ("llama", "gemma")
+from hf_fused.ops._common import (
+    _dot,
+    _kernel_flags,
+    _normalized_tile,
+    _round_to,
+    _row_rstd,
+    _sm_count,
+    check_inputs,
+    launch_norm,
+    rmsnorm_ref,
+    runs_triton,
+    triton_interpreter_enabled,
+)
+
 DECODE_MAX_M = 64
 PREFILL_PATHS = ("split", "fused")
 # Measured on an H100 (docs/bench_rmsnorm_qkv.md): the fused tl.dot GEMM trails cuBLAS at prefill
@@ -56,14 +66,7 @@ def rmsnorm_qkv_ref(
     if upcast:
         x, norm_weight, qkv_weight = x.double(), norm_weight.double(), qkv_weight.double()
         bias = None if bias is None else bias.double()
-    dtype = x.dtype
-    x32 = x.float() if not upcast else x
-    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    if norm_style == "gemma":
-        normed = (normed * (1.0 + norm_weight.to(normed.dtype))).to(dtype)
-    else:
-        normed = norm_weight * normed.to(dtype)
-    return F.linear(normed, qkv_weight, bias)
+    return F.linear(rmsnorm_ref(x, norm_weight, eps=eps, norm_style=norm_style), qkv_weight, bias)
 
 
 @dataclass(frozen=True)
@@ -116,61 +119,6 @@ def gemm_config(M: int, N: int, K: int) -> GemmConfig:
 
 
 @triton.jit
-def _row_rstd(x_ptr, offs_m, M, K, stride_xm, stride_xk, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """1/rms of each of the BLOCK_M rows, reduced in fp32 over all of K."""
-    sum_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=mask, other=0.0)
-        x = x.to(tl.float32)
-        sum_sq += tl.sum(x * x, axis=1)
-    return tl.math.rsqrt(sum_sq / K + eps)
-
-
-@triton.jit
-def _round_to(x, dtype: tl.constexpr, INTERPRETED: tl.constexpr):
-    """fp32 -> dtype with round-to-nearest-even, as the GPU and PyTorch do."""
-    if INTERPRETED and dtype == tl.bfloat16:
-        # Triton's CPU interpreter truncates fp32 -> bf16 (3.9). Round the bits ourselves; the
-        # result is then exact in bf16 and the interpreter's truncation no longer matters.
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        x = bits.to(tl.float32, bitcast=True)
-    return x.to(dtype)
-
-
-@triton.jit
-def _normalized_tile(
-    x_ptr, w_ptr, offs_m, offs_k, rstd, M, K, stride_xm, stride_xk, GEMMA: tl.constexpr, INTERPRETED: tl.constexpr
-):
-    """x[offs_m, offs_k] normalized with the same roundings as transformers; zero outside."""
-    mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
-    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=mask, other=0.0)
-    w = tl.load(w_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
-    dtype: tl.constexpr = x_ptr.dtype.element_ty
-    normed = x.to(tl.float32) * rstd[:, None]
-    if GEMMA:
-        return _round_to(normed * (1.0 + w[None, :]), dtype, INTERPRETED)
-    # Llama rounds the normalized value before the weight multiply, then rounds the product.
-    normed = _round_to(normed, dtype, INTERPRETED).to(tl.float32)
-    return _round_to(w[None, :] * normed, dtype, INTERPRETED)
-
-
-@triton.jit
-def _dot(a, b, acc, INTERPRETED: tl.constexpr, IEEE: tl.constexpr):
-    # The interpreter also gets tl.dot on bf16 operands wrong (3.9); products of 16-bit
-    # floats are exact in fp32, so upcasting there gives the tensor-core result.
-    if INTERPRETED:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    # fp32 models must not silently drop to tf32: F.linear in fp32 doesn't.
-    if IEEE:
-        return tl.dot(a, b, acc, input_precision="ieee")
-    return tl.dot(a, b, acc)
-
-
-@triton.jit
 def _rmsnorm_qkv_decode_kernel(
     x_ptr, norm_w_ptr, w_ptr, b_ptr, y_ptr,
     M, N, K, rows_per_program,
@@ -213,21 +161,6 @@ def _rmsnorm_qkv_decode_kernel(
 
 
 @triton.jit
-def _rmsnorm_kernel(
-    x_ptr, norm_w_ptr, y_ptr, M, K, stride_xm, stride_xk, stride_ym, eps,
-    GEMMA: tl.constexpr, INTERPRETED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """The norm alone, for the split prefill path whose GEMM is cuBLAS's."""
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rstd = _row_rstd(x_ptr, offs_m, M, K, stride_xm, stride_xk, eps, BLOCK_M, BLOCK_K)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        xn = _normalized_tile(x_ptr, norm_w_ptr, offs_m, offs_k, rstd, M, K, stride_xm, stride_xk, GEMMA, INTERPRETED)
-        mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
-        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_k[None, :], xn, mask=mask)
-
-
-@triton.jit
 def _rmsnorm_qkv_gemm_kernel(
     x_ptr, norm_w_ptr, w_ptr, b_ptr, y_ptr,
     M, N, K,
@@ -262,36 +195,6 @@ def _rmsnorm_qkv_gemm_kernel(
     y_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
     tl.store(y_ptrs, _round_to(acc, y_ptr.dtype.element_ty, INTERPRETED), mask=y_mask)
-
-
-@functools.cache
-def triton_interpreter_enabled() -> bool:
-    """Whether Triton runs kernels in its CPU interpreter (decided when triton.jit ran)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def runs_triton(x: Tensor) -> bool:
-    """Whether the op runs the Triton kernels on ``x``, or else the PyTorch reference."""
-    if x.device.type == "cuda":
-        return True
-    # wrap_triton doesn't know the interpreter's kernels: tracing CPU code (fake tensors under
-    # torch.compile or opcheck) must see the reference, and only real CPU tensors run interpreted.
-    return x.device.type == "cpu" and triton_interpreter_enabled() and not is_fake(x)
-
-
-def _kernel_flags(x: Tensor, gemma: bool, config) -> dict:
-    return dict(
-        GEMMA=gemma,
-        INTERPRETED=triton_interpreter_enabled(),
-        IEEE=x.dtype == torch.float32,
-        **{name: value for name, value in vars(config).items() if name != "rows_per_program"},
-    )
-
-
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    # The interpreter runs programs one after another; a few suffice to exercise the row split.
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 3
 
 
 def launch_decode(x, norm_weight, qkv_weight, bias, y, eps: float, gemma: bool, config: DecodeConfig | None = None):
@@ -330,16 +233,6 @@ def launch_gemm(x, norm_weight, qkv_weight, bias, y, eps: float, gemma: bool, co
     )
 
 
-def launch_norm(x, norm_weight, y, eps: float, gemma: bool) -> None:
-    """The norm alone: x (M, K) into y (M, K), contiguous."""
-    M, K = x.shape
-    block_m, block_k = 4, min(triton.next_power_of_2(K), 2048)
-    wrap_triton(_rmsnorm_kernel)[(triton.cdiv(M, block_m),)](
-        x, norm_weight, y, M, K, x.stride(0), x.stride(1), y.stride(0), eps,
-        GEMMA=gemma, INTERPRETED=triton_interpreter_enabled(), BLOCK_M=block_m, BLOCK_K=block_k, num_warps=4,
-    )
-
-
 def rmsnorm_qkv_2d(
     x: Tensor, norm_weight: Tensor, qkv_weight: Tensor, bias: Tensor | None, eps: float, gemma: bool,
     prefill: str = DEFAULT_PREFILL,
@@ -371,25 +264,12 @@ def _rmsnorm_qkv_op(
 
 
 def _check_inputs(x: Tensor, norm_weight: Tensor, qkv_weight: Tensor, bias: Tensor | None, norm_style: str) -> None:
-    if norm_style not in NORM_STYLES:
-        raise ValueError(f"norm_style must be one of {NORM_STYLES}, got {norm_style!r}")
-    if x.dim() < 1 or x.shape[-1] == 0:
-        raise ValueError(f"x must have a non-empty last (hidden) dimension K, got shape {tuple(x.shape)}")
+    check_inputs(x, norm_weight, norm_style, qkv_weight=qkv_weight, bias=bias)
     K = x.shape[-1]
-    if norm_weight.shape != (K,):
-        raise ValueError(f"norm_weight must have shape ({K},) to match x's hidden size, got {tuple(norm_weight.shape)}")
     if qkv_weight.dim() != 2 or qkv_weight.shape[1] != K:
         raise ValueError(f"qkv_weight must have shape (N, {K}) to match x's hidden size, got {tuple(qkv_weight.shape)}")
     if bias is not None and bias.shape != (qkv_weight.shape[0],):
         raise ValueError(f"bias must have shape ({qkv_weight.shape[0]},) to match qkv_weight, got {tuple(bias.shape)}")
-    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"x must be float16, bfloat16 or float32, got {x.dtype}")
-    named = {"norm_weight": norm_weight, "qkv_weight": qkv_weight, "bias": bias}
-    for name, t in named.items():
-        if t is not None and t.dtype != x.dtype:
-            raise ValueError(f"{name} has dtype {t.dtype} but x has {x.dtype}; all inputs must share one dtype")
-        if t is not None and t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; all inputs must be on one device")
 
 
 def rmsnorm_qkv(

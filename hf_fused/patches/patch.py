@@ -13,7 +13,7 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
-from hf_fused.patches.fused_qkv import (
+from hf_fused.patches.fused import (
     QKV_NAMES,
     FusedRMSNormQKV,
     QKVSlice,

@@ -1,0 +1,160 @@
+"""What the RMSNorm-fused ops share: the norm, in PyTorch and in Triton, input checks, and when
+the Triton kernels run at all.
+
+Every op normalizes exactly as transformers does (see rmsnorm_ref), so each fused kernel calls the
+same Triton helpers below in the same order. The helpers keep their leading underscore: they are
+internal to hf_fused.ops, imported by its op files only.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
+from torch.library import wrap_triton
+
+NORM_STYLES = ("llama", "gemma")
+
+
+def rmsnorm_ref(x: Tensor, norm_weight: Tensor, *, eps: float, norm_style: str) -> Tensor:
+    """The RMSNorm as transformers writes it; fp64 inputs stay fp64 (the accuracy reference)."""
+    dtype = x.dtype
+    x32 = x if dtype == torch.float64 else x.float()
+    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    if norm_style == "gemma":
+        return (normed * (1.0 + norm_weight.to(normed.dtype))).to(dtype)
+    return norm_weight * normed.to(dtype)
+
+
+def check_inputs(x: Tensor, norm_weight: Tensor, norm_style: str, **weights: Tensor | None) -> None:
+    """The checks every op makes: norm style, x's hidden size, the norm weight, one dtype and one
+    device for all. Each op checks its own weights' shapes after this."""
+    if norm_style not in NORM_STYLES:
+        raise ValueError(f"norm_style must be one of {NORM_STYLES}, got {norm_style!r}")
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"x must have a non-empty last (hidden) dimension K, got shape {tuple(x.shape)}")
+    K = x.shape[-1]
+    if norm_weight.shape != (K,):
+        raise ValueError(f"norm_weight must have shape ({K},) to match x's hidden size, got {tuple(norm_weight.shape)}")
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"x must be float16, bfloat16 or float32, got {x.dtype}")
+    for name, t in {"norm_weight": norm_weight, **weights}.items():
+        if t is not None and t.dtype != x.dtype:
+            raise ValueError(f"{name} has dtype {t.dtype} but x has {x.dtype}; all inputs must share one dtype")
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; all inputs must be on one device")
+
+
+@functools.cache
+def triton_interpreter_enabled() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (decided when triton.jit ran)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def runs_triton(x: Tensor) -> bool:
+    """Whether the op runs the Triton kernels on ``x``, or else the PyTorch reference."""
+    if x.device.type == "cuda":
+        return True
+    # wrap_triton doesn't know the interpreter's kernels: tracing CPU code (fake tensors under
+    # torch.compile or opcheck) must see the reference, and only real CPU tensors run interpreted.
+    return x.device.type == "cpu" and triton_interpreter_enabled() and not is_fake(x)
+
+
+def _kernel_flags(x: Tensor, gemma: bool, config) -> dict:
+    return dict(
+        GEMMA=gemma,
+        INTERPRETED=triton_interpreter_enabled(),
+        IEEE=x.dtype == torch.float32,
+        **{name: value for name, value in vars(config).items() if name != "rows_per_program"},
+    )
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    # The interpreter runs programs one after another; a few suffice to exercise the row split.
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 3
+
+
+@triton.jit
+def _row_rstd(x_ptr, offs_m, M, K, stride_xm, stride_xk, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """1/rms of each of the BLOCK_M rows, reduced in fp32 over all of K."""
+    sum_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=mask, other=0.0)
+        x = x.to(tl.float32)
+        sum_sq += tl.sum(x * x, axis=1)
+    return tl.math.rsqrt(sum_sq / K + eps)
+
+
+@triton.jit
+def _round_to(x, dtype: tl.constexpr, INTERPRETED: tl.constexpr):
+    """fp32 -> dtype with round-to-nearest-even, as the GPU and PyTorch do."""
+    if INTERPRETED and dtype == tl.bfloat16:
+        # Triton's CPU interpreter truncates fp32 -> bf16 (3.9). Round the bits ourselves; the
+        # result is then exact in bf16 and the interpreter's truncation no longer matters.
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def _normalized_tile(
+    x_ptr, w_ptr, offs_m, offs_k, rstd, M, K, stride_xm, stride_xk, GEMMA: tl.constexpr, INTERPRETED: tl.constexpr
+):
+    """x[offs_m, offs_k] normalized with the same roundings as transformers; zero outside."""
+    mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=mask, other=0.0)
+    w = tl.load(w_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+    dtype: tl.constexpr = x_ptr.dtype.element_ty
+    normed = x.to(tl.float32) * rstd[:, None]
+    if GEMMA:
+        return _round_to(normed * (1.0 + w[None, :]), dtype, INTERPRETED)
+    # Llama rounds the normalized value before the weight multiply, then rounds the product.
+    normed = _round_to(normed, dtype, INTERPRETED).to(tl.float32)
+    return _round_to(w[None, :] * normed, dtype, INTERPRETED)
+
+
+@triton.jit
+def _dot(a, b, acc, INTERPRETED: tl.constexpr, IEEE: tl.constexpr):
+    # The interpreter also gets tl.dot on bf16 operands wrong (3.9); products of 16-bit
+    # floats are exact in fp32, so upcasting there gives the tensor-core result.
+    if INTERPRETED:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    # fp32 models must not silently drop to tf32: F.linear in fp32 doesn't.
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _rmsnorm_kernel(
+    x_ptr, norm_w_ptr, y_ptr, M, K, stride_xm, stride_xk, stride_ym, eps,
+    GEMMA: tl.constexpr, INTERPRETED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """The norm alone, for the split prefill paths whose GEMM is cuBLAS's."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rstd = _row_rstd(x_ptr, offs_m, M, K, stride_xm, stride_xk, eps, BLOCK_M, BLOCK_K)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        xn = _normalized_tile(x_ptr, norm_w_ptr, offs_m, offs_k, rstd, M, K, stride_xm, stride_xk, GEMMA, INTERPRETED)
+        mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_k[None, :], xn, mask=mask)
+
+
+def launch_norm(x, norm_weight, y, eps: float, gemma: bool) -> None:
+    """The norm alone: x (M, K) into y (M, K), contiguous."""
+    M, K = x.shape
+    block_m, block_k = 4, min(triton.next_power_of_2(K), 2048)
+    wrap_triton(_rmsnorm_kernel)[(triton.cdiv(M, block_m),)](
+        x, norm_weight, y, M, K, x.stride(0), x.stride(1), y.stride(0), eps,
+        GEMMA=gemma, INTERPRETED=triton_interpreter_enabled(), BLOCK_M=block_m, BLOCK_K=block_k, num_warps=4,
+    )

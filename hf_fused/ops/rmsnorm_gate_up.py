@@ -1,0 +1,229 @@
+"""RMSNorm fused into a gated MLP's gate and up projections, the activation in the epilogue.
+
+For x of shape (M, K), a norm weight w of shape (K,) and W = [Wg; Wu] of shape (2I, K):
+
+    xn = RMSNorm(x)                      as rmsnorm_qkv: both styles, the same roundings
+    g  = dtype(xn @ Wg.T)                fp32 accumulation, rounded as nn.Linear's output is
+    u  = dtype(xn @ Wu.T)
+    y  = dtype(dtype(act(g32)) * u32)    PyTorch's act_fn(gate) * up in the model dtype
+    silu(g)      = g / (1 + exp(-g))
+    gelu_tanh(g) = 0.5 g (1 + tanh(z)) = g * sigmoid(2z),  z = sqrt(2/pi) (g + 0.044715 g^3)
+
+y (M, I) is what LlamaMLP, GemmaMLP and their kin hand to down_proj.
+
+Paths, chosen by M:
+- decode (M <= DECODE_MAX_M): weight streaming, as rmsnorm_qkv's decode kernel. Each program
+  streams the same rows of Wg and of Wu, so act(g) * u is formed in registers and neither g
+  nor u reaches memory.
+- prefill: a Triton norm pass, cuBLAS on the concatenated [Wg; Wu], the activation in PyTorch.
+
+Verified on CPU only (the PyTorch reference and Triton's interpreter): this op has not yet run
+or been timed on a GPU, and its launch parameters are rmsnorm_qkv's, untuned here.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch.library import triton_op, wrap_triton
+
+from hf_fused.ops._common import (
+    _dot,
+    _kernel_flags,
+    _normalized_tile,
+    _round_to,
+    _row_rstd,
+    _sm_count,
+    check_inputs,
+    launch_norm,
+    rmsnorm_ref,
+    runs_triton,
+    triton_interpreter_enabled,
+)
+from hf_fused.ops.rmsnorm_qkv import DECODE_MAX_M, DecodeConfig, decode_config
+
+# transformers' ACT2FN["silu"] and ACT2FN["gelu_pytorch_tanh"] call exactly these.
+ACTIVATIONS = {"silu": F.silu, "gelu_tanh": functools.partial(F.gelu, approximate="tanh")}
+
+
+def rmsnorm_gate_up_ref(
+    x: Tensor,
+    norm_weight: Tensor,
+    gate_up_weight: Tensor,
+    *,
+    eps: float,
+    norm_style: str = "llama",
+    activation: str = "silu",
+    upcast: bool = False,
+) -> Tensor:
+    """The unfused computation, written as transformers writes it: norm, then
+    ``act_fn(gate_proj(x)) * up_proj(x)``. With ``upcast=True`` it all runs in fp64: the accuracy reference."""
+    if upcast:
+        x, norm_weight, gate_up_weight = x.double(), norm_weight.double(), gate_up_weight.double()
+    normed = rmsnorm_ref(x, norm_weight, eps=eps, norm_style=norm_style)
+    gate_weight, up_weight = gate_up_weight.chunk(2)
+    return ACTIVATIONS[activation](F.linear(normed, gate_weight)) * F.linear(normed, up_weight)
+
+
+@triton.jit
+def _activation(g, GELU: tl.constexpr):
+    # fp32, as PyTorch's opmath. Triton has no tanh outside libdevice; 0.5 * (1 + tanh(z)) is
+    # sigmoid(2z), which also avoids the cancellation in 1 + tanh(z) for negative z. For very
+    # negative g, exp overflows to inf and the result is -0, as in PyTorch.
+    if GELU:
+        z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+        return g / (1.0 + tl.exp(-2.0 * z))
+    return g / (1.0 + tl.exp(-g))
+
+
+@triton.jit
+def _gated(acc_g, acc_u, dtype: tl.constexpr, GELU: tl.constexpr, INTERPRETED: tl.constexpr):
+    """act(g) * u with every rounding of act_fn(gate_proj(x)) * up_proj(x) in ``dtype``."""
+    g = _round_to(acc_g, dtype, INTERPRETED).to(tl.float32)
+    u = _round_to(acc_u, dtype, INTERPRETED).to(tl.float32)
+    a = _round_to(_activation(g, GELU), dtype, INTERPRETED).to(tl.float32)
+    return _round_to(a * u, dtype, INTERPRETED)
+
+
+@triton.jit
+def _rmsnorm_gate_up_decode_kernel(
+    x_ptr, norm_w_ptr, w_ptr, y_ptr,
+    M, I, K, rows_per_program,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
+    eps,
+    GEMMA: tl.constexpr, GELU: tl.constexpr, INTERPRETED: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NORM_BLOCK_K: tl.constexpr,
+):
+    # rmsnorm_qkv's decode kernel with two accumulators: acc[n, m] for output column n takes row
+    # n of Wg and row I + n of Wu, so one program holds both halves of its outputs' inputs.
+    pid = tl.program_id(0)
+    offs_m = tl.arange(0, BLOCK_M)
+    rows = tl.arange(0, BLOCK_N)
+    offs_n = pid * rows_per_program + rows
+    n_mask = (rows < rows_per_program) & (offs_n < I)
+    rstd = _row_rstd(x_ptr, offs_m, M, K, stride_xm, stride_xk, eps, BLOCK_M, NORM_BLOCK_K)
+    wg_ptrs = w_ptr + offs_n[:, None] * stride_wn
+    wu_ptrs = wg_ptrs + I * stride_wn
+    if BLOCK_M == 1:
+        # One token: CUDA-core multiply-adds, reduced across K once after the streaming loop.
+        acc_g = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            xn = _normalized_tile(x_ptr, norm_w_ptr, offs_m, offs_k, rstd, M, K, stride_xm, stride_xk, GEMMA, INTERPRETED)
+            xn = xn.to(tl.float32)
+            w_mask = n_mask[:, None] & (offs_k[None, :] < K)
+            acc_g += tl.load(wg_ptrs + offs_k[None, :] * stride_wk, mask=w_mask, other=0.0).to(tl.float32) * xn
+            acc_u += tl.load(wu_ptrs + offs_k[None, :] * stride_wk, mask=w_mask, other=0.0).to(tl.float32) * xn
+        g = tl.sum(acc_g, axis=1)[:, None]
+        u = tl.sum(acc_u, axis=1)[:, None]
+    else:
+        g = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        u = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            xn = _normalized_tile(x_ptr, norm_w_ptr, offs_m, offs_k, rstd, M, K, stride_xm, stride_xk, GEMMA, INTERPRETED)
+            xn = tl.trans(xn)
+            w_mask = n_mask[:, None] & (offs_k[None, :] < K)
+            g = _dot(tl.load(wg_ptrs + offs_k[None, :] * stride_wk, mask=w_mask, other=0.0), xn, g, INTERPRETED, IEEE)
+            u = _dot(tl.load(wu_ptrs + offs_k[None, :] * stride_wk, mask=w_mask, other=0.0), xn, u, INTERPRETED, IEEE)
+    y = _gated(g, u, y_ptr.dtype.element_ty, GELU, INTERPRETED)
+    y_ptrs = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None] * stride_yn
+    tl.store(y_ptrs, y, mask=n_mask[:, None] & (offs_m[None, :] < M))
+
+
+def launch_decode(
+    x, norm_weight, gate_up_weight, y, eps: float, gemma: bool, activation: str, config: DecodeConfig | None = None
+) -> None:
+    """The weight-streaming kernel: x (M, K) with M <= DECODE_MAX_M, gate_up_weight (2I, K), y (M, I)."""
+    M, K = x.shape
+    I = gate_up_weight.shape[0] // 2
+    if config is None:
+        # rmsnorm_qkv's heuristic for the same weight bytes: each output row here streams two
+        # weight rows, so a program takes half as many. The interpreter runs programs one after
+        # another in Python, so there a few large ones (an equal share each) run far faster.
+        config = decode_config(M, 2 * I, K)
+        rows = config.rows_per_program
+        halved = None if rows is None or triton_interpreter_enabled() else max(1, rows // 2)
+        config = replace(config, rows_per_program=halved)
+    rows_per_program = config.rows_per_program or triton.cdiv(I, min(I, _sm_count(x.device)))
+    block_n = max(triton.next_power_of_2(rows_per_program), 16 if config.BLOCK_M >= 16 else 1)
+    wrap_triton(_rmsnorm_gate_up_decode_kernel)[(triton.cdiv(I, rows_per_program),)](
+        x, norm_weight, gate_up_weight, y,
+        M, I, K, rows_per_program,
+        x.stride(0), x.stride(1), gate_up_weight.stride(0), gate_up_weight.stride(1), y.stride(0), y.stride(1),
+        eps,
+        GELU=activation == "gelu_tanh", BLOCK_N=block_n, **_kernel_flags(x, gemma, config),
+    )
+
+
+def rmsnorm_gate_up_2d(
+    x: Tensor, norm_weight: Tensor, gate_up_weight: Tensor, eps: float, gemma: bool, activation: str
+) -> Tensor:
+    """Dispatch by token count: x (M, K) -> (M, I)."""
+    M, K = x.shape
+    I = gate_up_weight.shape[0] // 2
+    if M <= DECODE_MAX_M:
+        y = x.new_empty((M, I))
+        if M > 0:
+            launch_decode(x, norm_weight, gate_up_weight, y, eps, gemma, activation)
+        return y
+    normed = x.new_empty((M, K))
+    launch_norm(x, norm_weight, normed, eps, gemma)
+    gate, up = F.linear(normed, gate_up_weight).chunk(2, dim=-1)
+    return ACTIVATIONS[activation](gate) * up
+
+
+@triton_op("hf_fused::rmsnorm_gate_up", mutates_args=())
+def _rmsnorm_gate_up_op(
+    x: Tensor, norm_weight: Tensor, gate_up_weight: Tensor, eps: float, gemma: bool, activation: str
+) -> Tensor:
+    if not runs_triton(x):
+        norm_style = "gemma" if gemma else "llama"
+        return rmsnorm_gate_up_ref(x, norm_weight, gate_up_weight, eps=eps, norm_style=norm_style, activation=activation)
+    K = x.shape[-1]
+    y = rmsnorm_gate_up_2d(x.reshape(-1, K), norm_weight, gate_up_weight, eps, gemma, activation)
+    return y.view(*x.shape[:-1], gate_up_weight.shape[0] // 2)
+
+
+def _check_inputs(x: Tensor, norm_weight: Tensor, gate_up_weight: Tensor, norm_style: str, activation: str) -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
+    check_inputs(x, norm_weight, norm_style, gate_up_weight=gate_up_weight)
+    K = x.shape[-1]
+    shape = tuple(gate_up_weight.shape)
+    if gate_up_weight.dim() != 2 or shape[1] != K or shape[0] == 0 or shape[0] % 2:
+        raise ValueError(f"gate_up_weight must have shape (2I, {K}): [W_gate; W_up] over x's hidden size, got {shape}")
+
+
+def rmsnorm_gate_up(
+    x: Tensor,
+    norm_weight: Tensor,
+    gate_up_weight: Tensor,
+    *,
+    eps: float,
+    norm_style: str = "llama",
+    activation: str = "silu",
+) -> Tensor:
+    """RMSNorm of ``x``, its gate and up projections, and ``act(gate) * up``: a gated MLP's down_proj input.
+
+    Args:
+        x: (..., K) activations; any leading dims and strides.
+        norm_weight: (K,) RMSNorm weight.
+        gate_up_weight: (2I, K) the gate projection's weight, then the up projection's, stacked along rows.
+        eps: the norm's epsilon.
+        norm_style: "llama" (weight times the rounded normalized value) or "gemma" ((1 + weight), one rounding).
+        activation: "silu" (Llama, Qwen, Mistral) or "gelu_tanh" (Gemma's gelu_pytorch_tanh).
+
+    Returns:
+        (..., I) in x's dtype. CUDA tensors run the Triton kernels; CPU tensors run the same
+        math in PyTorch, or the kernels in Triton's interpreter when TRITON_INTERPRET=1.
+    """
+    _check_inputs(x, norm_weight, gate_up_weight, norm_style, activation)
+    return torch.ops.hf_fused.rmsnorm_gate_up(x, norm_weight, gate_up_weight, eps, norm_style == "gemma", activation)
