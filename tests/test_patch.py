@@ -1,6 +1,7 @@
 """patch_model on tiny random models of every supported family, against the stock model."""
 
 import copy
+import logging
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import hf_fused
 from hf_fused.patches import SPECS, FamilySpec
-from hf_fused.patches.fused import FusedRMSNormQKV
+from hf_fused.patches.fused import FusedRMSNormGateUp, FusedRMSNormQKV
 
 BASE = dict(
     hidden_size=64,
@@ -47,6 +48,15 @@ EXTRA = {
 FAMILIES = sorted(SPECS)
 EAGER_ONLY = {"gemma2"}  # transformers has no sdpa path with its logit softcapping
 LOW_PRECISION_ATOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
+MLP = ("qkv", "mlp")
+FUSES = [("qkv",), MLP]
+# Their MLPs are mixtures of experts: patch_model(fuse=MLP) leaves them as they are, so the
+# slow end-to-end tests run them with the QKV fusion only.
+MOE = {"mixtral", "qwen2_moe", "qwen3_moe", "granitemoe"}
+
+
+def param_id(value) -> str:
+    return "+".join(value) if isinstance(value, tuple) else str(value)
 
 
 def test_every_supported_family_is_tested():
@@ -97,18 +107,22 @@ def assert_same_snapshot(a: tuple, b: tuple) -> None:
     assert all(torch.equal(a[2][k], b[2][k]) for k in a[2])
 
 
+# The MLP fusion is independent of the attention implementation: its cases run one each.
 @pytest.mark.parametrize(
-    "family, attn", [(f, a) for f in FAMILIES for a in ("eager", "sdpa") if a == "eager" or f not in EAGER_ONLY]
+    "family, attn, fuse",
+    [(f, a, ("qkv",)) for f in FAMILIES for a in ("eager", "sdpa") if a == "eager" or f not in EAGER_ONLY]
+    + [(f, "eager" if f in EAGER_ONLY else "sdpa", MLP) for f in FAMILIES if f not in MOE],
+    ids=param_id,
 )
-def test_logits_match(family, attn):
+def test_logits_match(family, attn, fuse):
     stock = build(family, attn)
-    model = hf_fused.patch_model(copy.deepcopy(stock))
+    model = hf_fused.patch_model(copy.deepcopy(stock), fuse=fuse)
     assert hf_fused.is_patched(model) and not hf_fused.is_patched(stock)
     ids, mask = prompt()
     ref32 = logits(stock, ids, mask)
     torch.testing.assert_close(logits(model, ids, mask), ref32, rtol=1e-5, atol=1e-5)
     if attn == "eager" and family not in EAGER_ONLY:
-        return  # low precision once per family: each kernel launch is slow in Triton's interpreter
+        return  # low precision once per family and fusion: each kernel launch is slow in Triton's interpreter
     # Casting after patching must carry the fused weights along. The fused model may err at
     # most twice as much as the stock model in the same precision, against fp32.
     for dtype, atol in LOW_PRECISION_ATOL.items():
@@ -117,10 +131,12 @@ def test_logits_match(family, attn):
         assert fused_err <= 2 * stock_err + atol, (dtype, fused_err, stock_err)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_greedy_generate_matches(family):
+@pytest.mark.parametrize(
+    "family, fuse", [(f, fuse) for f in FAMILIES for fuse in FUSES if f not in MOE or fuse != MLP], ids=param_id
+)
+def test_greedy_generate_matches(family, fuse):
     stock = build(family)
-    model = hf_fused.patch_model(copy.deepcopy(stock))
+    model = hf_fused.patch_model(copy.deepcopy(stock), fuse=fuse)
     ids, mask = prompt()
     kwargs = dict(attention_mask=mask, max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0)
     # Left padding with a mask, dynamic cache, then the static cache.
@@ -132,33 +148,35 @@ def test_greedy_generate_matches(family):
         assert torch.equal(got, want), extra
 
 
+@pytest.mark.parametrize("fuse", FUSES, ids=param_id)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_unpatch_restores_exactly(family):
+def test_unpatch_restores_exactly(family, fuse):
     model = build(family)
     ids, mask = prompt()
     before, want = snapshot(model), logits(model, ids, mask)
     params = [(name, id(p)) for name, p in model.named_parameters()]
-    hf_fused.unpatch_model(hf_fused.patch_model(model))
+    hf_fused.unpatch_model(hf_fused.patch_model(model, fuse=fuse))
     assert not hf_fused.is_patched(model)
     assert_same_snapshot(snapshot(model), before)
     assert [(name, id(p)) for name, p in model.named_parameters()] == params
     assert torch.equal(logits(model, ids, mask), want)
-    # A cast while patched reaches the restored q/k/v too.
-    hf_fused.patch_model(model).to(torch.bfloat16)
+    # A cast while patched reaches the restored projections too.
+    hf_fused.patch_model(model, fuse=fuse).to(torch.bfloat16)
     hf_fused.unpatch_model(model)
     state = model.state_dict()
     assert all(v.dtype == torch.bfloat16 and torch.equal(v, before[2][k].to(v.dtype)) for k, v in state.items())
 
 
+@pytest.mark.parametrize("fuse", FUSES, ids=param_id)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_state_dict_keeps_keys_and_loads_both_ways(family):
+def test_state_dict_keeps_keys_and_loads_both_ways(family, fuse):
     stock = build(family)
-    model = hf_fused.patch_model(copy.deepcopy(stock))
+    model = hf_fused.patch_model(copy.deepcopy(stock), fuse=fuse)
     want, got = stock.state_dict(), model.state_dict()
     assert list(got) == list(want)
     assert all(torch.equal(got[k], want[k]) for k in want)
     # A standard state_dict loads into the patched model, and the patched one into a stock model.
-    other = hf_fused.patch_model(build(family, seed=1))
+    other = hf_fused.patch_model(build(family, seed=1), fuse=fuse)
     other.load_state_dict(want)
     ids, mask = prompt()
     torch.testing.assert_close(logits(other, ids, mask), logits(stock, ids, mask), rtol=1e-5, atol=1e-5)
@@ -167,10 +185,11 @@ def test_state_dict_keeps_keys_and_loads_both_ways(family):
     assert torch.equal(logits(plain, ids, mask), logits(stock, ids, mask))
 
 
+@pytest.mark.parametrize("fuse", FUSES, ids=param_id)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_save_pretrained_loads_into_plain_transformers(family, tmp_path):
+def test_save_pretrained_loads_into_plain_transformers(family, fuse, tmp_path):
     stock = build(family)
-    hf_fused.patch_model(copy.deepcopy(stock)).save_pretrained(tmp_path)
+    hf_fused.patch_model(copy.deepcopy(stock), fuse=fuse).save_pretrained(tmp_path)
     attn = stock.config._attn_implementation
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation=attn).eval()
     assert not hf_fused.is_patched(loaded)
@@ -178,21 +197,122 @@ def test_save_pretrained_loads_into_plain_transformers(family, tmp_path):
     assert torch.equal(logits(loaded, ids, mask), logits(stock, ids, mask))
 
 
+def fused_weight_ptrs(model: nn.Module) -> list[int]:
+    fused = [m for m in model.modules() if isinstance(m, (FusedRMSNormQKV, FusedRMSNormGateUp))]
+    return [(m.packed if m.packed is not None else m).weight.data_ptr() for m in fused]
+
+
+@pytest.mark.parametrize("fuse", FUSES, ids=param_id)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_no_memory_growth(family):
+def test_no_memory_growth(family, fuse):
     model = build(family)
     before = storage_bytes(model)
-    hf_fused.patch_model(model)
+    hf_fused.patch_model(model, fuse=fuse)
     assert abs(storage_bytes(model) - before) <= 0.01 * before
-    # verify_patch unpatches and repatches: the fused buffer is reused, not copied.
-    fused = model.model.layers[0].self_attn.qkv_fused
-    ptr = (fused.packed if fused.packed is not None else fused).weight.data_ptr()
+    # verify_patch unpatches and repatches: the fused buffers are reused, not copied.
+    ptrs = fused_weight_ptrs(model)
     assert hf_fused.verify_patch(model, prompt()[0]).ok
-    fused = model.model.layers[0].self_attn.qkv_fused
-    assert (fused.packed if fused.packed is not None else fused).weight.data_ptr() == ptr
+    assert fused_weight_ptrs(model) == ptrs
     assert abs(storage_bytes(model) - before) <= 0.01 * before
     hf_fused.unpatch_model(model)
     assert abs(storage_bytes(model) - before) <= 0.01 * before
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_mlp_fusion_takes_the_mlp_norm_and_skips_moe_layers(family, caplog):
+    model = build(family)
+    with caplog.at_level(logging.WARNING, logger="hf_fused"):
+        hf_fused.patch_model(model, fuse=MLP)
+    # Exactly these modules of a layer get instance forwards; gemma2/3's post_attention_layernorm,
+    # which normalizes the attention output, is not one of them.
+    spec = SPECS[family]
+    want = {"self_attn", "input_layernorm"} | ({"self_attn.qkv_proj"} if spec.qkv == "packed" else set())
+    if family not in MOE:
+        want |= {"mlp", spec.mlp_norm}
+    layer = model.model.layers[0]
+    assert {name for name, m in layer.named_modules() if "forward" in m.__dict__} == want
+    n_fused = sum(isinstance(m, FusedRMSNormGateUp) for m in model.modules())
+    warnings = [r.getMessage() for r in caplog.records]
+    if family in MOE:
+        assert n_fused == 0 and len(warnings) == 1 and "MLP left unfused in 2 of 2" in warnings[0]
+        with pytest.raises(hf_fused.UnsupportedModelError, match="nothing to fuse"):
+            hf_fused.patch_model(build(family), fuse=("mlp",))
+    else:
+        assert n_fused == BASE["num_hidden_layers"] and not warnings
+
+
+def test_mlp_alone_leaves_attention_stock():
+    stock = build("llama")
+    model = hf_fused.patch_model(copy.deepcopy(stock), fuse=("mlp",))
+    assert type(model.model.layers[0].self_attn.q_proj) is nn.Linear
+    assert not any(isinstance(m, FusedRMSNormQKV) for m in model.modules())
+    ids, mask = prompt()
+    torch.testing.assert_close(logits(model, ids, mask), logits(stock, ids, mask), rtol=1e-5, atol=1e-5)
+    assert hf_fused.verify_patch(model, ids).ok and hf_fused.is_patched(model)
+
+
+def _mlp_bias(model):
+    for layer in model.model.layers:
+        for proj in (layer.mlp.gate_proj, layer.mlp.up_proj):
+            proj.bias = nn.Parameter(torch.randn(proj.out_features) * 0.1)
+
+
+def _erf_gelu(model):
+    for layer in model.model.layers:
+        layer.mlp.act_fn = nn.GELU()
+
+
+def _hooked_mlp(model):
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    for layer in model.model.layers:
+        add_hook_to_module(layer.mlp, ModelHook())
+
+
+def _quantized_gate(model):
+    model.model.layers[1].mlp.gate_proj = _quantized(model.model.layers[1].mlp.gate_proj)
+
+
+@pytest.mark.parametrize(
+    "mutate, reason, n_fused",
+    [
+        (_mlp_bias, "biases", 0),
+        (_erf_gelu, "computes other than", 0),
+        (_hooked_mlp, "instance forward", 0),
+        (_quantized_gate, "QuantLinear", 1),
+    ],
+    ids=["bias", "erf-gelu", "hooked", "quantized-one-layer"],
+)
+def test_mlp_it_cannot_fuse_exactly_stays_stock(mutate, reason, n_fused, caplog):
+    stock = build("llama")
+    mutate(stock)
+    model = copy.deepcopy(stock)
+    with caplog.at_level(logging.WARNING, logger="hf_fused"):
+        hf_fused.patch_model(model, fuse=MLP)
+    assert sum(isinstance(m, FusedRMSNormGateUp) for m in model.modules()) == n_fused
+    assert [reason in r.getMessage() for r in caplog.records] == [True]
+    ids, mask = prompt()
+    torch.testing.assert_close(logits(model, ids, mask), logits(stock, ids, mask), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fuse", ["mlp", (), ("qkv", "lm_head"), None], ids=repr)
+def test_bad_fuse_is_a_value_error(fuse):
+    model = build("llama")
+    with pytest.raises(ValueError, match="fuse must be"):
+        hf_fused.patch_model(model, fuse=fuse)
+    assert not hf_fused.is_patched(model)
+
+
+def test_patching_again_with_other_fusions_needs_unpatch_first():
+    model = hf_fused.patch_model(build("llama"), fuse=MLP)
+    modules = [(name, id(m)) for name, m in model.named_modules()]
+    hf_fused.patch_model(model, fuse=("mlp", "qkv"))  # the same fusions: a no-op
+    assert [(name, id(m)) for name, m in model.named_modules()] == modules
+    with pytest.raises(ValueError, match="unpatch_model"):
+        hf_fused.patch_model(model)
+    assert [(name, id(m)) for name, m in model.named_modules()] == modules
+    hf_fused.patch_model(hf_fused.unpatch_model(model))
+    assert not any(isinstance(m, FusedRMSNormGateUp) for m in model.modules())
 
 
 def test_verify_patch_reports_and_leaves_model_patched():
@@ -208,16 +328,17 @@ def test_verify_patch_reports_and_leaves_model_patched():
         hf_fused.verify_patch(build("llama"), ids)
 
 
-def test_verify_failure_unpatches_and_raises(monkeypatch):
+@pytest.mark.parametrize("op", ["rmsnorm_qkv", "rmsnorm_gate_up"])
+def test_verify_failure_unpatches_and_raises(op, monkeypatch):
     # A kernel off by 1%: verify must catch it and undo the patch.
     from hf_fused.patches import fused
 
-    real = fused.rmsnorm_qkv
-    monkeypatch.setattr(fused, "rmsnorm_qkv", lambda *args, **kwargs: 1.01 * real(*args, **kwargs))
+    real = getattr(fused, op)
+    monkeypatch.setattr(fused, op, lambda *args, **kwargs: 1.01 * real(*args, **kwargs))
     model = build("llama")
     before = snapshot(model)
     with pytest.raises(RuntimeError, match="disagrees"):
-        hf_fused.patch_model(model, verify=True)
+        hf_fused.patch_model(model, verify=True, fuse=MLP)
     assert not hf_fused.is_patched(model)
     assert_same_snapshot(snapshot(model), before)
 
@@ -262,10 +383,11 @@ def test_double_patch_is_a_noop_and_other_models_are_untouched():
     assert torch.equal(logits(other, ids, mask), other_logits)
 
 
+@pytest.mark.parametrize("fuse", FUSES, ids=param_id)
 @pytest.mark.parametrize("family", ["qwen2", "phi3"])
-def test_copies_of_a_patched_model_are_patched_and_independent(family, tmp_path):
+def test_copies_of_a_patched_model_are_patched_and_independent(family, fuse, tmp_path):
     stock = build(family)
-    model = hf_fused.patch_model(copy.deepcopy(stock))
+    model = hf_fused.patch_model(copy.deepcopy(stock), fuse=fuse)
     torch.save(model, tmp_path / "model.pt")
     ids, mask = prompt()
     want = logits(model, ids, mask)
@@ -273,6 +395,7 @@ def test_copies_of_a_patched_model_are_patched_and_independent(family, tmp_path)
         assert hf_fused.is_patched(clone)
         with torch.no_grad():
             model.model.layers[0].input_layernorm.weight.mul_(2)
+            model.model.layers[0].post_attention_layernorm.weight.mul_(2)
         assert torch.equal(logits(clone, ids, mask), want)
         hf_fused.unpatch_model(clone)
         assert torch.equal(logits(clone, ids, mask), logits(stock, ids, mask))
@@ -302,9 +425,10 @@ def test_wraps_and_restores_an_existing_instance_forward():
     assert attn.forward is hooked
 
 
-def test_compile_fullgraph():
+@pytest.mark.parametrize("fuse", FUSES, ids=param_id)
+def test_compile_fullgraph(fuse):
     stock = build("llama")
-    model = hf_fused.patch_model(copy.deepcopy(stock))
+    model = hf_fused.patch_model(copy.deepcopy(stock), fuse=fuse)
     ids, mask = prompt()
     compiled = torch.compile(model, fullgraph=True, backend="inductor")
     with torch.no_grad():

@@ -7,28 +7,33 @@ unpatching restores the original module objects with bit-identical weights.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hf_fused.ops.rmsnorm_gate_up import ACTIVATIONS
 from hf_fused.patches.fused import (
-    QKV_NAMES,
+    FusedAway,
+    FusedNorm,
+    FusedRMSNormGateUp,
     FusedRMSNormQKV,
     QKVSlice,
     fused_attention_forward,
+    fused_mlp_forward,
     identity_forward,
-    load_state_dict_pre_hook,
     norm_eps,
-    stack_rows,
-    state_dict_post_hook,
+    stack_into,
+    unstack,
 )
 from hf_fused.patches.specs import SPECS, FamilySpec
 
 logger = logging.getLogger("hf_fused")
 
-# Relative L2 error of the logits that verify_patch accepts. On CPU the op is bit-identical;
+# Relative L2 error of the logits that verify_patch accepts. On CPU the ops are bit-identical;
 # on GPU only the matmul's summation order differs, so these are a few ulps of each dtype
 # grown over the depth of a model.
 RTOL = {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 6e-2}
@@ -38,11 +43,38 @@ class UnsupportedModelError(ValueError):
     """The model can't be patched; it was left untouched."""
 
 
+@dataclass(frozen=True)
+class _Kind:
+    """What differs between the fusions, as data."""
+
+    parent: str  # the decoder layer's child that the norm feeds
+    attr: str  # the fused module's name on that child
+    separate: tuple[str, ...]  # the projections it stacks, or else one packed projection:
+    packed: str
+    module: type[FusedNorm]
+    bias: bool  # whether its op takes the projections' bias
+    forward: Callable  # the child's new forward
+    # The child's own forward still runs on the fused output (attention), so its projections
+    # become slices or pass-throughs of it; the MLP's is replaced whole and never calls them.
+    passthrough: bool
+    placeholder: type[nn.Module]
+
+
+KINDS = {
+    "qkv": _Kind("self_attn", "qkv_fused", ("q_proj", "k_proj", "v_proj"), "qkv_proj", FusedRMSNormQKV,
+                 bias=True, forward=fused_attention_forward, passthrough=True, placeholder=QKVSlice),
+    "mlp": _Kind("mlp", "gate_up_fused", ("gate_proj", "up_proj"), "gate_up_proj", FusedRMSNormGateUp,
+                 bias=False, forward=fused_mlp_forward, passthrough=False, placeholder=FusedAway),
+}
+
+
 @dataclass
-class _Layer:
-    attn: nn.Module
+class _Fusion:
+    kind: str
+    parent: nn.Module
     norm: nn.Module
     projs: dict[str, nn.Linear]
+    activation: str | None = None
 
 
 def _family(model: nn.Module) -> tuple[str, FamilySpec]:
@@ -61,57 +93,98 @@ def _family(model: nn.Module) -> tuple[str, FamilySpec]:
     return model_type, SPECS[model_type]
 
 
-def _check_layer(attn: nn.Module, norm: nn.Module, spec: FamilySpec, where: str) -> _Layer:
+def _fusion(layer: nn.Module, kind: str, spec: FamilySpec) -> _Fusion | str:
+    """One fusion's norm and projections in this decoder layer, or why they can't be fused exactly."""
+    k = KINDS[kind]
+    norm_name = "input_layernorm" if kind == "qkv" else spec.mlp_norm
+    packed = (spec.qkv if kind == "qkv" else spec.mlp) == "packed"
+    norm, parent = getattr(layer, norm_name, None), getattr(layer, k.parent, None)
+    if parent is None:
+        return f"has no {k.parent}"
     weight = getattr(norm, "weight", None)
     if not (isinstance(weight, nn.Parameter) and weight.dim() == 1):
-        raise UnsupportedModelError(f"{where}.input_layernorm is {type(norm).__name__}, not an RMSNorm with a weight")
+        return f"{norm_name} is {type(norm).__name__}, not an RMSNorm with a weight"
     if norm_eps(norm) is None:
-        raise UnsupportedModelError(f"{where}.input_layernorm has no float eps/variance_epsilon")
-    names = QKV_NAMES if spec.qkv == "separate" else ("qkv_proj",)
-    projs = {name: getattr(attn, name, None) for name in names}
+        return f"{norm_name} has no float eps/variance_epsilon"
+    projs = {name: getattr(parent, name, None) for name in ((k.packed,) if packed else k.separate)}
     for name, proj in projs.items():
+        if proj is None:
+            return f"{k.parent} ({type(parent).__name__}) has no {name}"
         # Exactly nn.Linear: quantized layers and PEFT/LoRA wrappers compute something else.
         if type(proj) is not nn.Linear:
-            raise UnsupportedModelError(f"{where}.self_attn.{name} is {type(proj).__name__}, not a plain nn.Linear")
+            return f"{k.parent}.{name} is {type(proj).__name__}, not a plain nn.Linear"
         if proj.in_features != weight.shape[0]:
-            raise UnsupportedModelError(f"{where}.self_attn.{name} does not take the norm's {weight.shape[0]} features")
+            return f"{k.parent}.{name} does not take the norm's {weight.shape[0]} features"
     tensors = [weight] + [t for p in projs.values() for t in (p.weight, p.bias) if t is not None]
     if any(t.is_meta for t in tensors):
-        raise UnsupportedModelError(f"{where} has weights on the meta device (offloaded or not loaded yet)")
+        return "has weights on the meta device (offloaded or not loaded yet)"
     if len({(t.dtype, t.device) for t in tensors}) > 1:
-        raise UnsupportedModelError(f"{where}: input norm and q/k/v weights differ in dtype or device")
-    if len({p.bias is None for p in projs.values()}) > 1:
-        raise UnsupportedModelError(f"{where}: some of q/k/v have a bias and some don't")
-    return _Layer(attn, norm, projs)
+        return f"{norm_name} and {k.parent} weights differ in dtype or device"
+    biases = {p.bias is None for p in projs.values()}
+    if len(biases) > 1 or (not k.bias and biases != {True}):
+        return f"{k.parent}'s {' and '.join(projs)} have biases the fused op doesn't take"
+    if not k.passthrough and "forward" in parent.__dict__:
+        return f"{k.parent} has an instance forward (hooks) that the fused forward would bypass"
+    return _Fusion(kind, parent, norm, projs)
 
 
-def _plan(model: nn.Module) -> tuple[str, FamilySpec, list[_Layer]]:
-    """Find and check every decoder layer before anything is touched."""
+def _plan(model: nn.Module, fuse: tuple[str, ...]) -> tuple[str, FamilySpec, list[_Fusion]]:
+    """Find and check every decoder layer before anything is touched.
+
+    A layer that can't take the QKV fusion is an error; an MLP that can't (MoE experts, biases,
+    another activation) stays as it is, logged once per reason.
+    """
     model_type, spec = _family(model)
-    layers, seen = [], set()
+    fusions, skipped, seen, n_layers = [], {}, set(), 0
     for where, layer in model.named_modules():
-        attn, norm = getattr(layer, "self_attn", None), getattr(layer, "input_layernorm", None)
-        if attn is None or norm is None:
+        if getattr(layer, "self_attn", None) is None or getattr(layer, "input_layernorm", None) is None:
             continue
-        if id(attn) in seen or id(norm) in seen:
-            raise UnsupportedModelError(f"{where} shares its attention or input norm with another layer")
-        seen.update((id(attn), id(norm)))
-        layers.append(_check_layer(attn, norm, spec, where))
-    if not layers:
+        n_layers += 1
+        for kind in fuse:
+            fusion = _fusion(layer, kind, spec)
+            if isinstance(fusion, str) and kind == "qkv":
+                raise UnsupportedModelError(f"{where}: {fusion}")
+            if isinstance(fusion, str):
+                skipped[fusion] = skipped.get(fusion, 0) + 1
+                continue
+            if id(fusion.parent) in seen or id(fusion.norm) in seen:
+                raise UnsupportedModelError(f"{where} shares its {KINDS[kind].parent} or its norm with another layer")
+            seen.update((id(fusion.parent), id(fusion.norm)))
+            fusions.append(fusion)
+    if not n_layers:
         raise UnsupportedModelError(f"no decoder layer with input_layernorm and self_attn found in {model_type} model")
-    for norm in {type(layer.norm): layer.norm for layer in layers}.values():
+    activations = {}
+    for fusion in fusions:
+        if fusion.kind == "mlp":
+            cls = type(fusion.parent)
+            if cls not in activations:
+                activations[cls] = _mlp_activation(fusion)
+            fusion.activation = activations[cls]
+            if fusion.activation is None:
+                reason = f"mlp ({cls.__name__}) computes other than down_proj(act(gate) * up), act silu or gelu_tanh"
+                skipped[reason] = skipped.get(reason, 0) + 1
+    fusions = [f for f in fusions if f.kind == "qkv" or f.activation is not None]
+    for reason, count in skipped.items():
+        logger.warning("hf_fused: MLP left unfused in %d of %d %s layers: %s", count, n_layers, model_type, reason)
+    if not fusions:
+        raise UnsupportedModelError(f"nothing to fuse in this {model_type} model: {'; '.join(skipped)}")
+    for norm in {type(f.norm): f.norm for f in fusions}.values():
         if not _computes_norm_style(norm, spec.norm_style):
             raise UnsupportedModelError(
                 f"{type(norm).__name__} in this {model_type} model does not compute a {spec.norm_style}-style RMSNorm"
             )
-    return model_type, spec, layers
+    return model_type, spec, fusions
+
+
+def _probe(weight: Tensor) -> Tensor:
+    return (3 * torch.randn(4, weight.shape[-1], generator=torch.Generator().manual_seed(0))).to(weight)
 
 
 def _computes_norm_style(norm: nn.Module, style: str) -> bool:
     """Run one norm of each class on a small input: the op must reproduce what it computes,
     whatever its name says (a kernelized forward, or a class whose numerics changed)."""
     weight = norm.weight
-    x = (3 * torch.randn(4, weight.shape[0], generator=torch.Generator().manual_seed(0))).to(weight)
+    x = _probe(weight)
     x32 = x.float()
     with torch.no_grad():
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + norm_eps(norm))
@@ -123,41 +196,47 @@ def _computes_norm_style(norm: nn.Module, style: str) -> bool:
     return isinstance(got, Tensor) and got.shape == want.shape and torch.allclose(got, want, rtol=2e-2, atol=1e-3)
 
 
-def _patch_layer(layer: _Layer, spec: FamilySpec) -> None:
-    attn, norm = layer.attn, layer.norm
-    if spec.qkv == "packed":
-        (proj,) = layer.projs.values()
-        fused = FusedRMSNormQKV(norm, spec.norm_style, packed=proj)
+def _mlp_activation(fusion: _Fusion) -> str | None:
+    """The op's name for the activation with which this MLP computes down_proj(act(gate) * up), or None.
+
+    The MLP's one other child must match an activation of the op bit for bit (erf GELU is close to
+    GELU-tanh, but not the same function); the whole MLP, run on a small input, loosely, as a
+    kernelized forward may round differently.
+    """
+    mlp = fusion.parent
+    others = [m for name, m in mlp.named_children() if name not in fusion.projs and name != "down_proj"]
+    weights = [p.weight for p in fusion.projs.values()]
+    gate_weight, up_weight = weights if len(weights) == 2 else weights[0].chunk(2)
+    g, x = torch.linspace(-8, 8, 255).to(gate_weight), _probe(gate_weight)
+    with torch.no_grad():
+        try:
+            name = next(n for n, act in ACTIVATIONS.items() if len(others) == 1 and torch.equal(others[0](g), act(g)))
+            got = mlp(x)
+            want = mlp.down_proj(ACTIVATIONS[name](F.linear(x, gate_weight)) * F.linear(x, up_weight))
+        except Exception:  # no such activation (StopIteration), or an MLP of another shape
+            return None
+    ok = isinstance(got, Tensor) and got.shape == want.shape and torch.allclose(got, want, rtol=2e-2, atol=1e-3)
+    return name if ok else None
+
+
+def _apply(fusion: _Fusion, spec: FamilySpec, fuse: tuple[str, ...]) -> None:
+    k = KINDS[fusion.kind]
+    parent, norm = fusion.parent, fusion.norm
+    extra = {"activation": fusion.activation} if fusion.activation else {}
+    make = partial(k.module, norm, spec.norm_style, **extra)
+    if k.packed in fusion.projs:
+        proj = fusion.projs[k.packed]
+        fused = make(packed=proj)
         fused.packed_forward = proj.__dict__.get("forward")
-        proj.forward = partial(identity_forward, proj)
+        if k.passthrough:
+            proj.forward = partial(identity_forward, proj)
     else:
-        key_order = list(attn.state_dict(keep_vars=True))
-        projs = list(layer.projs.values())
-        with torch.no_grad():
-            weight = stack_rows([p.weight for p in projs]).requires_grad_(projs[0].weight.requires_grad)
-            bias = None if projs[0].bias is None else stack_rows([p.bias for p in projs])
-        if bias is not None:
-            bias.requires_grad_(projs[0].bias.requires_grad)
-        fused = FusedRMSNormQKV(norm, spec.norm_style, weight, bias)
-        bounds, start = {}, 0
-        for name, proj in layer.projs.items():
-            bounds[name] = (start, start + proj.out_features)
-            start += proj.out_features
-            # Drop the originals' storage (the fused weight has it now); unpatch points them back
-            # at rows of whatever the fused weight is then, e.g. after model.to(float16).
-            for p in (proj.weight, proj.bias):
-                if p is not None:
-                    p.data = p.data.new_empty(0)
-            setattr(attn, name, QKVSlice(*bounds[name]).train(attn.training))
-        fused.bounds, fused.key_order, fused.originals = bounds, key_order, layer.projs
-        fused.hooks = [
-            attn.register_state_dict_post_hook(state_dict_post_hook),
-            attn.register_load_state_dict_pre_hook(load_state_dict_pre_hook),
-        ]
+        fused = stack_into(parent, k.attr, make, fusion.projs, k.placeholder)
+    fused.fuse = fuse
     # Instance forwards that were already there (accelerate hooks) are wrapped and restored.
-    fused.inner_forward, fused.norm_forward = attn.__dict__.get("forward"), norm.__dict__.get("forward")
-    attn.qkv_fused = fused.train(attn.training)
-    attn.forward = partial(fused_attention_forward, attn)
+    fused.inner_forward, fused.norm_forward = parent.__dict__.get("forward"), norm.__dict__.get("forward")
+    setattr(parent, k.attr, fused.train(parent.training))
+    parent.forward = partial(k.forward, parent)
     # The layer takes its residual before the norm, so the norm can pass its input through.
     norm.forward = partial(identity_forward, norm)
 
@@ -168,51 +247,62 @@ def _restore_forward(module: nn.Module, saved) -> None:
         module.forward = saved
 
 
-def _unpatch_attention(attn: nn.Module) -> None:
-    fused = attn.qkv_fused
+def _unapply(parent: nn.Module, attr: str) -> None:
+    fused = getattr(parent, attr)
     if fused.packed is not None:
         _restore_forward(fused.packed, fused.packed_forward)
     else:
-        for hook in fused.hooks:
-            hook.remove()
-        weight = fused.weight.detach()
-        bias = None if fused.bias is None else fused.bias.detach()
-        for name, proj in fused.originals.items():
-            start, stop = fused.bounds[name]
-            # Row views of the current fused weight: no copy, and right after any .to().
-            proj.weight.data = weight[start:stop]
-            proj.weight.requires_grad_(fused.weight.requires_grad)
-            if bias is not None:
-                proj.bias.data = bias[start:stop]
-                proj.bias.requires_grad_(fused.bias.requires_grad)
-            setattr(attn, name, proj)
-    _restore_forward(attn, fused.inner_forward)
+        unstack(parent, fused)
+    _restore_forward(parent, fused.inner_forward)
     _restore_forward(fused.norm, fused.norm_forward)
-    del attn.qkv_fused
+    delattr(parent, attr)
+
+
+def _check_fuse(fuse) -> tuple[str, ...]:
+    if not isinstance(fuse, (tuple, list, set, frozenset)) or not fuse or not set(fuse) <= set(KINDS):
+        raise ValueError(f"fuse must be a non-empty tuple drawn from {tuple(KINDS)}, got {fuse!r}")
+    return tuple(kind for kind in KINDS if kind in fuse)
+
+
+def _patched_with(model: nn.Module) -> tuple[str, ...]:
+    return next(m.fuse for m in model.modules() if isinstance(m, FusedNorm))
 
 
 def is_patched(model: nn.Module) -> bool:
     """Whether patch_model has put fused modules into ``model``."""
-    return isinstance(model, nn.Module) and any(isinstance(m, FusedRMSNormQKV) for m in model.modules())
+    return isinstance(model, nn.Module) and any(isinstance(m, FusedNorm) for m in model.modules())
 
 
-def patch_model(model: nn.Module, *, verify: bool = False) -> nn.Module:
-    """Fuse each decoder layer's input RMSNorm into its q/k/v projection, in place.
+def patch_model(model: nn.Module, *, verify: bool = False, fuse: tuple[str, ...] = ("qkv",)) -> nn.Module:
+    """Fuse each decoder layer's RMSNorms into the projections they feed, in place.
+
+    ``fuse`` picks the fusions, any of:
+      - "qkv": the input RMSNorm and the q/k/v projections become one rmsnorm_qkv call.
+      - "mlp": the MLP's input RMSNorm, gate and up projections and act(gate) * up become one
+        rmsnorm_gate_up call; down_proj stays the family's own. MLPs that are not gated dense
+        ones of plain nn.Linear (MoE blocks, biases, other activations) are left as they are, logged.
+    The default is the fusion measured to help on a GPU. "mlp" is verified on CPU only and not
+    yet measured on a GPU, so it is opt-in: ``fuse=("qkv", "mlp")``.
 
     Raises UnsupportedModelError, with the model untouched, for families or layers it can't
-    patch exactly. A second call is a no-op. With ``verify=True`` it compares patched and
-    stock logits on a short input, and unpatches and raises RuntimeError if they disagree.
+    patch exactly. A second call with the same ``fuse`` is a no-op; with another it raises
+    ValueError (unpatch_model first). With ``verify=True`` it compares patched and stock logits
+    on a short input, and unpatches and raises RuntimeError if they disagree.
     """
+    fuse = _check_fuse(fuse)
     if is_patched(model):
+        if _patched_with(model) != fuse:
+            raise ValueError(f"model is patched with fuse={_patched_with(model)}; unpatch_model it before fuse={fuse}")
         return model
-    model_type, spec, layers = _plan(model)
+    model_type, spec, fusions = _plan(model, fuse)
     try:
-        for layer in layers:
-            _patch_layer(layer, spec)
+        for fusion in fusions:
+            _apply(fusion, spec, fuse)
     except BaseException:
         unpatch_model(model)
         raise
-    logger.info("hf_fused: fused RMSNorm+QKV in %d %s layers", len(layers), model_type)
+    counts = ", ".join(f"{kind} in {sum(f.kind == kind for f in fusions)} layers" for kind in fuse)
+    logger.info("hf_fused: fused %s of a %s model", counts, model_type)
     if verify:
         report = verify_patch(model, _probe_ids(model))
         if not report.ok:
@@ -223,11 +313,11 @@ def patch_model(model: nn.Module, *, verify: bool = False) -> nn.Module:
 
 def unpatch_model(model: nn.Module) -> nn.Module:
     """Put the original modules and forwards back, in place; weights are bit-identical."""
-    attns = [m for m in model.modules() if isinstance(getattr(m, "qkv_fused", None), FusedRMSNormQKV)]
-    for attn in attns:
-        _unpatch_attention(attn)
-    if attns:
-        logger.info("hf_fused: unpatched %d layers", len(attns))
+    found = [(m, k.attr) for m in model.modules() for k in KINDS.values() if isinstance(m._modules.get(k.attr), FusedNorm)]
+    for parent, attr in found:
+        _unapply(parent, attr)
+    if found:
+        logger.info("hf_fused: unpatched %d fused modules", len(found))
     return model
 
 
@@ -269,6 +359,7 @@ def verify_patch(
         raise ValueError("verify_patch needs a model patched by hf_fused.patch_model")
     # By name: the unpatch/repatch cycle below puts new fused modules under the same names.
     modes = {name: m.training for name, m in model.named_modules()}
+    fuse = _patched_with(model)
     model.eval()
     try:
         with torch.no_grad():
@@ -277,7 +368,7 @@ def verify_patch(
             try:
                 stock = _logits(model, input_ids, attention_mask).float()
             finally:
-                patch_model(model)
+                patch_model(model, fuse=fuse)
     finally:
         for name, module in model.named_modules():
             module.training = modes.get(name, module.training)
