@@ -12,6 +12,7 @@ the originals keep no storage until unstack points them at rows of it again.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 
 import torch
@@ -153,7 +154,13 @@ def stack_rows(parts: list[Tensor]) -> Tensor:
     return first.as_strided((rows, *first.shape[1:]), first.stride(), first.storage_offset())
 
 
-def stack_into(parent: nn.Module, attr: str, make_fused, projs: dict[str, nn.Linear], placeholder) -> FusedNorm:
+def stack_into(
+    parent: nn.Module,
+    attr: str,
+    make_fused: Callable[[Tensor, Tensor | None], FusedNorm],
+    projs: dict[str, nn.Linear],
+    placeholder: Callable[[int, int], nn.Module],
+) -> FusedNorm:
     """Stack ``projs`` (children of ``parent``) by rows into ``make_fused(weight, bias)``, put
     ``placeholder(start, stop)`` in their places, and keep their state_dict keys on ``parent``."""
     key_order = list(parent.state_dict(keep_vars=True))
