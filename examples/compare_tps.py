@@ -65,9 +65,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--new-tokens", type=int, default=None, help="default 256 on CUDA, 16 on CPU")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per cell; the median is reported")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fuse", default="qkv", help="comma list of the fusions patch_model applies: qkv, mlp")
     parser.add_argument("--out", default="out/compare_tps", help="folder for the JSON and PNG")
     args = parser.parse_args(argv)
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    args.fuse = tuple(f.strip() for f in args.fuse.split(",") if f.strip())
     unknown = set(args.modes) - set(MODES)
     if unknown:
         parser.error(f"unknown modes {sorted(unknown)}; choose from {', '.join(MODES)}")
@@ -166,7 +168,8 @@ def markdown_table(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"{meta['model']}, {meta['dtype']}, {env['device']}; torch {env['torch']}, triton {env['triton']}, "
         f"transformers {env['transformers']}; {env['date']}",
         f"prompt {meta['prompt_len']} + {meta['new_tokens']} new tokens, greedy; median of {meta['repeats']}; "
-        f"kernel: {meta['kernel_path']}; copy bandwidth {fmt(meta['copy_bandwidth_gbs'], '.0f')} GB/s",
+        f"kernel: {meta['kernel_path']}, fuse={'+'.join(meta['fuse'])}; "
+        f"copy bandwidth {fmt(meta['copy_bandwidth_gbs'], '.0f')} GB/s",
         "",
         "tok/s = batch x decode steps/s, prefill excluded; GB/s = weight bytes x decode steps/s "
         f"({meta['weight_bytes'] / 1e9:.3f} GB read once per step, whatever the batch); "
@@ -252,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         "dtype": str(dtype).removeprefix("torch."),
         "device": str(device),
         "kernel_path": kernel_path(device),
+        "fuse": list(args.fuse),
         "modes": args.modes,
         "batch_sizes": args.batch_sizes,
         "prompt_len": args.prompt_len,
@@ -277,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # The logits check comes first: a fast wrong kernel must not produce a speed table.
     check_ids = torch.randint(model.config.vocab_size, (1, min(args.prompt_len, 64))).to(device)
-    hf_fused.patch_model(model)
+    hf_fused.patch_model(model, fuse=args.fuse)
     report = hf_fused.verify_patch(model, check_ids)
     meta["patched_layers"] = patched_layers(model)
     meta["verify"] = {"max_abs_diff": report.max_abs_diff, "rel_err": report.rel_err,
@@ -297,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     bar = progress(len(VARIANTS) * len(args.modes) * len(args.batch_sizes))
     for variant in VARIANTS:
         if variant == "patched":
-            hf_fused.patch_model(model)
+            hf_fused.patch_model(model, fuse=args.fuse)
         # Compiled code and CUDA graphs of the other variant must not be reused or counted.
         torch._dynamo.reset()
         generation.reset(model)

@@ -14,7 +14,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from hf_fused.models import DEFAULT_MODEL, SHAPES, load_model
-from hf_fused.patches.fused import FusedRMSNormQKV
+from hf_fused.patches.fused import FusedRMSNormGateUp, FusedRMSNormQKV
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -65,7 +65,8 @@ def kernel_path(device: torch.device) -> str:
 
 def patched_layers(model: nn.Module) -> int:
     """How many decoder layers hf_fused.patch_model fused."""
-    return sum(isinstance(m, FusedRMSNormQKV) for m in model.modules())
+    # Each fusion puts one module in every layer it fuses; MoE layers may take QKV only.
+    return max(sum(isinstance(m, cls) for m in model.modules()) for cls in (FusedRMSNormQKV, FusedRMSNormGateUp))
 
 
 def environment(device: torch.device) -> dict[str, str]:

@@ -45,6 +45,16 @@ def test_compare_tps_writes_results(tmp_path, capsys):
         assert json_path.with_suffix(".png").stat().st_size > 0
 
 
+def test_compare_tps_patches_the_chosen_fusions(tmp_path, capsys):
+    argv = ["--shape", "tiny-llama", "--device", "cpu", "--modes", "eager", "--batch-sizes", "1", "--prompt-len", "8",
+            "--new-tokens", "2", "--repeats", "1", "--fuse", "qkv,mlp", "--out", str(tmp_path)]
+    assert load("compare_tps").main(argv) == 0
+    assert "fuse=qkv+mlp" in capsys.readouterr().out
+    (json_path,) = tmp_path.glob("tiny-llama-cpu-*.json")
+    meta = json.loads(json_path.read_text())["meta"]
+    assert meta["fuse"] == ["qkv", "mlp"] and meta["patched_layers"] == 2 and meta["verify"]["ok"] and meta["verify"]["top1_agreement"] == 1.0
+
+
 def test_compare_tps_rejects_unknown_mode():
     with pytest.raises(SystemExit):
         load("compare_tps").main(["--shape", "tiny-llama", "--modes", "warp-drive"])
