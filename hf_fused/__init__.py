@@ -2,6 +2,9 @@
 
     import hf_fused
     model = hf_fused.patch_model(model)
+
+``patch_model(model, fuse=("qkv", "mlp"))`` also fuses each MLP's input RMSNorm, gate and up
+projections (hf_fused.ops.rmsnorm_gate_up): tested on CPU only, so not yet the default.
 """
 
 from hf_fused.patches import (
