@@ -16,10 +16,7 @@ The floor is max(bytes / copy bandwidth, flops / matmul rate), both measured in 
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -27,14 +24,8 @@ import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import (  # noqa: E402
-    copies_for,
-    environment,
-    measure_copy_bandwidth,
-    measure_matmul_flops,
-    time_graph,
-    time_launches,
-)
+from report import OpBench, compiled, floor_us, main, rel_err, time_variants  # noqa: E402
+from timing import copies_for  # noqa: E402
 
 from hf_fused.ops import rmsnorm_qkv, rmsnorm_qkv_ref  # noqa: E402
 from hf_fused.ops.rmsnorm_qkv import DECODE_MAX_M, rmsnorm_qkv_2d  # noqa: E402
@@ -51,8 +42,6 @@ HEAD_SPLIT = {  # q rows, kv rows
     "llama3-8b": (4096, 1024),
     "llama3-70b": (8192, 1024),
 }
-VARIANTS = ["fused", "eager3", "compiled3", "compiled1", "gemm_only"]
-PEERS = VARIANTS[1:]
 EPS = 1e-5
 
 
@@ -84,7 +73,7 @@ def norm_then_three_linears(x, norm_weight, wq, wk, wv):
     return F.linear(h, wq), F.linear(h, wk), F.linear(h, wv)
 
 
-def bench_point(name, M, bandwidth, flops, compiled3, compiled1):
+def bench_point(name, M, bandwidth, flops):
     K, N = SHAPES[name]
     q_rows, kv_rows = HEAD_SPLIT[name]
     dtype = torch.bfloat16
@@ -93,6 +82,7 @@ def bench_point(name, M, bandwidth, flops, compiled3, compiled1):
     norm_weights = [torch.rand(K, device="cuda", dtype=dtype) + 0.5 for _ in range(copies)]
     x = torch.randn(M, K, device="cuda", dtype=dtype)
     unfused = [UnfusedQKV(nw, w, q_rows, kv_rows) for nw, w in zip(norm_weights, weights)]
+    compiled3, compiled1 = compiled(norm_then_three_linears), compiled(norm_then_linear)
 
     calls = {
         "fused": [lambda nw=nw, w=w: rmsnorm_qkv(x, nw, w, eps=EPS) for nw, w in zip(norm_weights, weights)],
@@ -109,107 +99,26 @@ def bench_point(name, M, bandwidth, flops, compiled3, compiled1):
             for nw, w in zip(norm_weights, weights)
         ]
     exact = rmsnorm_qkv_ref(x, norm_weights[0], weights[0], eps=EPS, upcast=True)
-    fused_err = (rmsnorm_qkv(x, norm_weights[0], weights[0], eps=EPS).double() - exact).norm() / exact.norm()
-    torch_err = (norm_then_linear(x, norm_weights[0], weights[0]).double() - exact).norm() / exact.norm()
 
-    weight_bytes = N * K * 2
-    moved = weight_bytes + (M * K + M * N + K) * 2
-    floor_us = max(moved / bandwidth, 2 * M * N * K / flops) * 1e6
-    row = {"shape": name, "M": M, "K": K, "N": N, "copies": copies, "floor_us": floor_us, "bytes": moved,
-           "fused_rel_err": fused_err.item(), "torch_rel_err": torch_err.item()}
-    for variant, fns in calls.items():
-        row[f"{variant}_graph_us"] = time_graph(fns)
-        row[f"{variant}_launch_us"] = time_launches(fns)
+    moved = N * K * 2 + (M * K + M * N + K) * 2
+    row = {"shape": name, "M": M, "K": K, "N": N, "copies": copies,
+           "floor_us": floor_us(moved, 2 * M * N * K, bandwidth, flops), "bytes": moved,
+           "fused_rel_err": rel_err(rmsnorm_qkv(x, norm_weights[0], weights[0], eps=EPS), exact),
+           "torch_rel_err": rel_err(norm_then_linear(x, norm_weights[0], weights[0]), exact),
+           **time_variants(calls)}
     del weights, norm_weights, unfused, calls
     torch.cuda.empty_cache()
     return row
 
 
-def format_table(rows) -> str:
-    lines = [
-        "| shape | M | fused µs | GB/s | TFLOP/s | % of floor | eager3 | compiled3 | compiled1 | cuBLAS no norm "
-        "| floor | vs best peer | fused GEMM kernel | fused launch | eager3 launch |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        us = r["fused_graph_us"]
-        best_peer = min(r[f"{p}_graph_us"] for p in PEERS)
-        lines.append(
-            f"| {r['shape']} | {r['M']} | {us:.1f} | {r['bytes'] / us / 1e3:.0f} "
-            f"| {2 * r['M'] * r['N'] * r['K'] / us / 1e6:.1f} | {100 * r['floor_us'] / us:.0f}% | "
-            + " | ".join(f"{r[f'{p}_graph_us']:.1f}" for p in PEERS)
-            + f" | {r['floor_us']:.1f} | {best_peer / us:.2f}x "
-            + (f"| {r['fused_gemm_graph_us']:.1f} " if "fused_gemm_graph_us" in r else "| - ")
-            + f"| {r['fused_launch_us']:.1f} "
-            f"| {r['eager3_launch_us']:.1f} |"
-        )
-    return "\n".join(lines)
-
-
-def plot(rows, path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot")
-        return
-    shapes = list(dict.fromkeys(r["shape"] for r in rows))
-    fig, axes = plt.subplots(1, len(shapes), figsize=(4.5 * len(shapes), 4), squeeze=False)
-    for ax, shape in zip(axes[0], shapes):
-        sub = [r for r in rows if r["shape"] == shape]
-        ms = [r["M"] for r in sub]
-        for variant in VARIANTS:
-            ax.plot(ms, [r["floor_us"] / r[f"{variant}_graph_us"] for r in sub], marker="o", label=variant)
-        ax.set(xscale="log", title=shape, xlabel="M (tokens)", ylabel="fraction of floor", ylim=(0, 1.05))
-    axes[0][0].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-
-
-def print_table(result: dict) -> None:
-    print(f"{result['gpu']}, torch {result['torch']}, triton {result['triton']}, {result['date']}; "
-          f"copy {result['copy_Bps'] / 1e12:.2f} TB/s, matmul {result['matmul_flops'] / 1e12:.0f} TFLOP/s; "
-          "bf16; µs per call, CUDA graph")
-    print(format_table(result["rows"]))
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ms", default="1,16,256,2048,16384")
-    parser.add_argument("--shapes", default=",".join(SHAPES))
-    parser.add_argument("--out", default="out")
-    parser.add_argument("--table", metavar="JSON", help="print the table of an earlier run's JSON and exit")
-    args = parser.parse_args()
-    if args.table:
-        print_table(json.loads(Path(args.table).read_text()))
-        return
-    torch.manual_seed(0)
-    env = environment()
-    bandwidth, flops = measure_copy_bandwidth(), measure_matmul_flops()
-    print(f"{env}\ncopy bandwidth {bandwidth / 1e12:.2f} TB/s, bf16 matmul {flops / 1e12:.0f} TFLOP/s")
-
-    # Each new (K, N, M) is a recompile; keep them all compiled rather than falling back to eager.
-    torch._dynamo.config.recompile_limit = 64
-    compiled3 = torch.compile(norm_then_three_linears)
-    compiled1 = torch.compile(norm_then_linear)
-    rows = []
-    for name in args.shapes.split(","):
-        for M in map(int, args.ms.split(",")):
-            row = bench_point(name, M, bandwidth, flops, compiled3, compiled1)
-            rows.append(row)
-            print(f"{time.strftime('%X')} {name:14s} M={M:6d} fused {row['fused_graph_us']:8.1f} us, floor {row['floor_us']:8.1f} us, "
-                  f"best peer {min(row[f'{p}_graph_us'] for p in PEERS):8.1f} us", flush=True)
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    result = {**env, "copy_Bps": bandwidth, "matmul_flops": flops, "rows": rows}
-    (out / "bench_rmsnorm_qkv.json").write_text(json.dumps(result, indent=1))
-    plot(rows, out / "bench_rmsnorm_qkv.png")
-    print()
-    print_table(result)
-
+OP = OpBench(
+    stem="bench_rmsnorm_qkv",
+    shapes=list(SHAPES),
+    peers={"eager3": "eager3", "compiled3": "compiled3", "compiled1": "compiled1", "gemm_only": "cuBLAS no norm"},
+    extra={"fused_gemm_graph_us": "fused GEMM kernel", "fused_launch_us": "fused launch",
+           "eager3_launch_us": "eager3 launch"},
+    bench_point=bench_point,
+)
 
 if __name__ == "__main__":
-    main()
+    main(OP, __doc__)
