@@ -57,6 +57,7 @@ class UnfusedQKV(torch.nn.Module):
         self.q, self.k, self.v = (torch.nn.Linear(K, w.shape[0], bias=False) for w in (wq, wk, wv))
         for linear, w in zip((self.q, self.k, self.v), (wq, wk, wv)):
             linear.weight.data = w
+        self.requires_grad_(False)  # inference weights, as a loaded model's are under generate
 
     def forward(self, x):
         h = self.norm(x)

@@ -132,7 +132,9 @@ def main(op: OpBench, doc: str, argv: Sequence[str] | None = None) -> None:
     rows = []
     for name in shapes:
         for M in map(int, args.ms.split(",")):
-            row = op.bench_point(name, M, bandwidth, flops)
+            # Inference, as generate runs it: no variant pays for autograd bookkeeping.
+            with torch.no_grad():
+                row = op.bench_point(name, M, bandwidth, flops)
             rows.append(row)
             print(f"{time.strftime('%X')} {name:14s} M={M:6d} fused {row['fused_graph_us']:8.1f} us, "
                   f"floor {row['floor_us']:8.1f} us, best peer {min(row[f'{p}_graph_us'] for p in op.peers):8.1f} us",
