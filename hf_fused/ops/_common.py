@@ -80,6 +80,18 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 3
 
 
+def _decode_split(rows: int, rows_per_program: int | None, block_m: int, device: torch.device) -> tuple[int, int, int]:
+    """How a weight-streaming kernel splits ``rows`` weight rows: (rows per program, BLOCK_N, grid).
+
+    ``rows_per_program=None`` gives each SM an equal share. So does the interpreter always: it
+    runs programs one after another in Python, where a few large ones run far faster.
+    """
+    if rows_per_program is None or triton_interpreter_enabled():
+        rows_per_program = triton.cdiv(rows, min(rows, _sm_count(device)))
+    block_n = max(triton.next_power_of_2(rows_per_program), 16 if block_m >= 16 else 1)  # tl.dot needs 16
+    return rows_per_program, block_n, triton.cdiv(rows, rows_per_program)
+
+
 @triton.jit
 def _row_rstd(x_ptr, offs_m, M, K, stride_xm, stride_xk, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """1/rms of each of the BLOCK_M rows, reduced in fp32 over all of K."""

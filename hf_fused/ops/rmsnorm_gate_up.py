@@ -34,17 +34,16 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from hf_fused.ops._common import (
+    _decode_split,
     _dot,
     _kernel_flags,
     _normalized_tile,
     _round_to,
     _row_rstd,
-    _sm_count,
     check_inputs,
     launch_norm,
     rmsnorm_ref,
     runs_triton,
-    triton_interpreter_enabled,
 )
 from hf_fused.ops.rmsnorm_qkv import DECODE_MAX_M, DecodeConfig, decode_config
 
@@ -146,15 +145,12 @@ def launch_decode(
     I = gate_up_weight.shape[0] // 2
     if config is None:
         # rmsnorm_qkv's heuristic for the same weight bytes: each output row here streams two
-        # weight rows, so a program takes half as many. The interpreter runs programs one after
-        # another in Python, so there a few large ones (an equal share each) run far faster.
+        # weight rows, so a program takes half as many.
         config = decode_config(M, 2 * I, K)
         rows = config.rows_per_program
-        halved = None if rows is None or triton_interpreter_enabled() else max(1, rows // 2)
-        config = replace(config, rows_per_program=halved)
-    rows_per_program = config.rows_per_program or triton.cdiv(I, min(I, _sm_count(x.device)))
-    block_n = max(triton.next_power_of_2(rows_per_program), 16 if config.BLOCK_M >= 16 else 1)
-    wrap_triton(_rmsnorm_gate_up_decode_kernel)[(triton.cdiv(I, rows_per_program),)](
+        config = replace(config, rows_per_program=None if rows is None else max(1, rows // 2))
+    rows_per_program, block_n, grid = _decode_split(I, config.rows_per_program, config.BLOCK_M, x.device)
+    wrap_triton(_rmsnorm_gate_up_decode_kernel)[(grid,)](
         x, norm_weight, gate_up_weight, y,
         M, I, K, rows_per_program,
         x.stride(0), x.stride(1), gate_up_weight.stride(0), gate_up_weight.stride(1), y.stride(0), y.stride(1),

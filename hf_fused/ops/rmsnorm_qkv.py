@@ -19,7 +19,7 @@ Paths, chosen by M:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -29,17 +29,16 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from hf_fused.ops._common import (
+    _decode_split,
     _dot,
     _kernel_flags,
     _normalized_tile,
     _round_to,
     _row_rstd,
-    _sm_count,
     check_inputs,
     launch_norm,
     rmsnorm_ref,
     runs_triton,
-    triton_interpreter_enabled,
 )
 
 DECODE_MAX_M = 64
@@ -201,15 +200,9 @@ def launch_decode(x, norm_weight, qkv_weight, bias, y, eps: float, gemma: bool, 
     """The weight-streaming kernel: x (M, K) with M <= DECODE_MAX_M, qkv_weight (N, K), y (M, N)."""
     M, K = x.shape
     N = qkv_weight.shape[0]
-    if config is None:
-        config = decode_config(M, N, K)
-        if triton_interpreter_enabled():
-            # The interpreter runs programs one after another in Python: a few large ones
-            # (an equal share of rows for each of _sm_count's programs) run far faster.
-            config = replace(config, rows_per_program=None)
-    rows_per_program = config.rows_per_program or triton.cdiv(N, min(N, _sm_count(x.device)))
-    block_n = max(triton.next_power_of_2(rows_per_program), 16 if config.BLOCK_M >= 16 else 1)
-    wrap_triton(_rmsnorm_qkv_decode_kernel)[(triton.cdiv(N, rows_per_program),)](
+    config = config or decode_config(M, N, K)
+    rows_per_program, block_n, grid = _decode_split(N, config.rows_per_program, config.BLOCK_M, x.device)
+    wrap_triton(_rmsnorm_qkv_decode_kernel)[(grid,)](
         x, norm_weight, qkv_weight, bias if bias is not None else y, y,
         M, N, K, rows_per_program,
         x.stride(0), x.stride(1), qkv_weight.stride(0), qkv_weight.stride(1), y.stride(0), y.stride(1),
