@@ -1,6 +1,7 @@
 """Triton kernels with their PyTorch references; they know nothing of transformers."""
 
+from hf_fused.ops._common import rmsnorm_ref
 from hf_fused.ops.rmsnorm_gate_up import rmsnorm_gate_up, rmsnorm_gate_up_ref
 from hf_fused.ops.rmsnorm_qkv import rmsnorm_qkv, rmsnorm_qkv_ref
 
-__all__ = ["rmsnorm_gate_up", "rmsnorm_gate_up_ref", "rmsnorm_qkv", "rmsnorm_qkv_ref"]
+__all__ = ["rmsnorm_gate_up", "rmsnorm_gate_up_ref", "rmsnorm_qkv", "rmsnorm_qkv_ref", "rmsnorm_ref"]

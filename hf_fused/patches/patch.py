@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hf_fused.ops import rmsnorm_ref
 from hf_fused.ops.rmsnorm_gate_up import ACTIVATIONS
 from hf_fused.patches.fused import (
     FusedAway,
@@ -183,12 +184,9 @@ def _probe(weight: Tensor) -> Tensor:
 def _computes_norm_style(norm: nn.Module, style: str) -> bool:
     """Run one norm of each class on a small input: the op must reproduce what it computes,
     whatever its name says (a kernelized forward, or a class whose numerics changed)."""
-    weight = norm.weight
-    x = _probe(weight)
-    x32 = x.float()
+    x = _probe(norm.weight)
     with torch.no_grad():
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + norm_eps(norm))
-        want = (normed * (1 + weight.float())).to(x.dtype) if style == "gemma" else weight * normed.to(x.dtype)
+        want = rmsnorm_ref(x, norm.weight, eps=norm_eps(norm), norm_style=style)
         try:
             got = norm(x)
         except Exception:
