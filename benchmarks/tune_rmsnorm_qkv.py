@@ -1,21 +1,28 @@
-"""Sweep kernel configs of the fused RMSNorm+QKV op on the GPU; the heuristics in
-hf_fused/ops/rmsnorm_qkv.py (decode_config, gemm_config) are read off its output.
+"""Sweep kernel configs of the fused ops on the GPU; the heuristics in hf_fused/ops/rmsnorm_qkv.py
+(decode_config, gemm_config) are read off its output.
 
     python benchmarks/tune_rmsnorm_qkv.py --out out/tune.json
+    python benchmarks/tune_rmsnorm_qkv.py --op gate_up --ms 1,16 --out out/tune_gate_up.json
+
+The gate_up op has only the decode kernel (its prefill is the Triton norm and cuBLAS); its
+rows per program count output columns, each streaming one row of W_gate and one of W_up.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import itertools
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_rmsnorm_qkv import SHAPES  # noqa: E402
+import bench_rmsnorm_gate_up  # noqa: E402
+import bench_rmsnorm_qkv  # noqa: E402
 from timing import copies_for, environment, time_graph  # noqa: E402
 
 from hf_fused.ops.rmsnorm_qkv import (  # noqa: E402
@@ -29,38 +36,61 @@ from hf_fused.ops.rmsnorm_qkv import (  # noqa: E402
 )
 
 
-def candidate_configs(M: int, K: int) -> list:
+def candidate_configs(M: int, K: int, rows_per_program=(16, 64, None)) -> list:
     if M <= DECODE_MAX_M:
         block_ms = [1, 16] if M == 1 else [max(16, 1 << (M - 1).bit_length())]
         wide_norm = max(128, min(1 << (K - 1).bit_length(), 4096))
-        grid = itertools.product(block_ms, [256, 512], [4, 8], [128, wide_norm], [16, 64, None])
+        grid = itertools.product(block_ms, [256, 512], [4, 8], [128, wide_norm], rows_per_program)
         return [DecodeConfig(bm, bk, nbk, w, 4, r) for bm, bk, w, nbk, r in grid if bm * nbk <= 8192]
     grid = itertools.product([64, 128], [64, 128, 256], [32, 64, 128], [4, 8], [3, 4])
     return [GemmConfig(bm, bn, bk, w, s) for bm, bn, bk, w, s in grid if bm * bk + bn * bk <= 256 * 64]
 
 
+def gate_up_launchers(M: int, N: int, K: int):
+    """The gate_up op's default decode config and launcher, in the QKV launchers' call shape.
+    The heuristic is the one launch_decode applies when it is given no config."""
+    op = importlib.import_module("hf_fused.ops.rmsnorm_gate_up")  # the package re-exports a function of that name
+    default = decode_config(M, N, K)
+    default = replace(default, rows_per_program=None if default.rows_per_program is None else max(1, default.rows_per_program // 2))
+
+    def launch(x, norm_weight, weight, bias, y, eps, gemma, config):
+        op.launch_decode(x, norm_weight, weight, y, eps, gemma, "silu", config)
+
+    return default, launch
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--op", choices=["qkv", "gate_up"], default="qkv")
     parser.add_argument("--ms", default="1,16,256,2048,16384")
-    parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--shapes", default=None, help="comma list; default every shape of the op's benchmark")
     parser.add_argument("--out", default="out/tune_rmsnorm_qkv.json")
     args = parser.parse_args()
+    shapes = bench_rmsnorm_qkv.SHAPES if args.op == "qkv" else bench_rmsnorm_gate_up.SHAPES
     dtype = torch.bfloat16
     results = []
-    for name in args.shapes.split(","):
-        K, N = SHAPES[name]
+    for name in (args.shapes or ",".join(shapes)).split(","):
+        K, N = shapes[name]
+        if args.op == "gate_up":
+            N *= 2  # the benchmark names the intermediate size I; the weight is [Wg; Wu], (2I, K)
         copies = copies_for(N * K * 2)
         weights = [torch.randn(N, K, device="cuda", dtype=dtype) / K**0.5 for _ in range(copies)]
         norm_weight = torch.rand(K, device="cuda", dtype=dtype) + 0.5
         for M in map(int, args.ms.split(",")):
-            x = torch.randn(M, K, device="cuda", dtype=dtype)
-            y = torch.empty(M, N, device="cuda", dtype=dtype)
             decode = M <= DECODE_MAX_M
-            default = decode_config(M, N, K) if decode else gemm_config(M, N, K)
-            launch = launch_decode if decode else launch_gemm
+            if args.op == "gate_up":
+                if not decode:
+                    continue
+                default, launch = gate_up_launchers(M, N, K)
+            else:
+                default = decode_config(M, N, K) if decode else gemm_config(M, N, K)
+                launch = launch_decode if decode else launch_gemm
+            x = torch.randn(M, K, device="cuda", dtype=dtype)
+            y = torch.empty(M, N if args.op == "qkv" else N // 2, device="cuda", dtype=dtype)
             timings = []
-            for config in [default] + candidate_configs(M, K):
-                calls = [(lambda w=w, c=config: launch(x, norm_weight, w, None, y, 1e-5, False, c)) for w in weights]
+            rows = (16, 64, None) if args.op == "qkv" else (4, 8, 16, 32, None)
+            for config in [default] + candidate_configs(M, K, rows):
+                calls = [(lambda w=w, c=config, x=x, y=y: launch(x, norm_weight, w, None, y, 1e-5, False, c)) for w in weights]
                 try:
                     us = time_graph(calls, replays=5)
                 except Exception as error:  # configs past the shared-memory limit fail to compile
@@ -70,8 +100,8 @@ def main() -> None:
             timings.sort(key=lambda t: t[0])
             default_us = next((us for us, c in timings if c == default), float("nan"))  # nan: failed to compile
             best_us, best = timings[0]
-            print(f"{name:14s} M={M:6d} heuristic {default_us:8.2f} us  best {best_us:8.2f} us  {best}", flush=True)
-            results.append({"shape": name, "M": M, "K": K, "N": N, "heuristic_us": default_us,
+            print(f"{args.op} {name:14s} M={M:6d} heuristic {default_us:8.2f} us  best {best_us:8.2f} us  {best}", flush=True)
+            results.append({"op": args.op, "shape": name, "M": M, "K": K, "N": N, "heuristic_us": default_us,
                             "top": [{"us": us, **vars(c)} for us, c in timings[:8]]})
             del x, y
         del weights

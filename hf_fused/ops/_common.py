@@ -106,6 +106,14 @@ def _row_rstd(x_ptr, offs_m, M, K, stride_xm, stride_xk, eps, BLOCK_M: tl.conste
 
 
 @triton.jit
+def _weight_tile(w_ptrs, k0, n_mask, K, stride_wk, BLOCK_K: tl.constexpr):
+    """Columns k0 .. k0 + BLOCK_K of a program's weight rows; zero past K (so a prefetch past
+    the last tile reads nothing)."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    return tl.load(w_ptrs + offs_k[None, :] * stride_wk, mask=n_mask[:, None] & (offs_k[None, :] < K), other=0.0)
+
+
+@triton.jit
 def _round_to(x, dtype: tl.constexpr, INTERPRETED: tl.constexpr):
     """fp32 -> dtype with round-to-nearest-even, as the GPU and PyTorch do."""
     if INTERPRETED and dtype == tl.bfloat16:

@@ -12,13 +12,13 @@ For x of shape (M, K), a norm weight w of shape (K,) and W = [Wg; Wu] of shape (
 y (M, I) is what LlamaMLP, GemmaMLP and their kin hand to down_proj.
 
 Paths, chosen by M:
-- decode (M <= DECODE_MAX_M): weight streaming, as rmsnorm_qkv's decode kernel. Each program
-  streams the same rows of Wg and of Wu, so act(g) * u is formed in registers and neither g
-  nor u reaches memory.
+- decode (M <= DECODE_MAX_M; in fp32 one token only, see streams_weights): weight streaming,
+  as rmsnorm_qkv's decode kernel. Each program streams the same rows of Wg and of Wu, so
+  act(g) * u is formed in registers and neither g nor u reaches memory.
 - prefill: a Triton norm pass, cuBLAS on the concatenated [Wg; Wu], the activation in PyTorch.
 
-Verified on CPU only (the PyTorch reference and Triton's interpreter): this op has not yet run
-or been timed on a GPU, and its launch parameters are rmsnorm_qkv's, untuned here.
+Launch parameters are rmsnorm_qkv's heuristic for the same weight bytes; on an H100 the
+Llama-3-8B shape at M=1 runs at 90% of its bytes floor (docs/bench_rmsnorm_gate_up.md).
 """
 
 from __future__ import annotations
@@ -40,12 +40,13 @@ from hf_fused.ops._common import (
     _normalized_tile,
     _round_to,
     _row_rstd,
+    _weight_tile,
     check_inputs,
     launch_norm,
     rmsnorm_ref,
     runs_triton,
 )
-from hf_fused.ops.rmsnorm_qkv import DECODE_MAX_M, DecodeConfig, decode_config
+from hf_fused.ops.rmsnorm_qkv import DecodeConfig, decode_config, streams_weights
 
 # transformers' ACT2FN["silu"] and ACT2FN["gelu_pytorch_tanh"] call exactly these.
 ACTIVATIONS = {"silu": F.silu, "gelu_tanh": functools.partial(F.gelu, approximate="tanh")}
@@ -106,32 +107,37 @@ def _rmsnorm_gate_up_decode_kernel(
     rows = tl.arange(0, BLOCK_N)
     offs_n = pid * rows_per_program + rows
     n_mask = (rows < rows_per_program) & (offs_n < I)
-    rstd = _row_rstd(x_ptr, offs_m, M, K, stride_xm, stride_xk, eps, BLOCK_M, NORM_BLOCK_K)
     wg_ptrs = w_ptr + offs_n[:, None] * stride_wn
     wu_ptrs = wg_ptrs + I * stride_wn
     if BLOCK_M == 1:
-        # One token: CUDA-core multiply-adds, reduced across K once after the streaming loop.
+        # One token: CUDA-core multiply-adds, reduced across K once after the streaming loop,
+        # with the weight stream double-buffered by hand as in rmsnorm_qkv's decode kernel.
+        wg_next = _weight_tile(wg_ptrs, 0, n_mask, K, stride_wk, BLOCK_K)
+        wu_next = _weight_tile(wu_ptrs, 0, n_mask, K, stride_wk, BLOCK_K)
+        rstd = _row_rstd(x_ptr, offs_m, M, K, stride_xm, stride_xk, eps, BLOCK_M, NORM_BLOCK_K)
         acc_g = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         acc_u = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
+            wg, wu = wg_next, wu_next
+            wg_next = _weight_tile(wg_ptrs, k0 + BLOCK_K, n_mask, K, stride_wk, BLOCK_K)
+            wu_next = _weight_tile(wu_ptrs, k0 + BLOCK_K, n_mask, K, stride_wk, BLOCK_K)
             offs_k = k0 + tl.arange(0, BLOCK_K)
             xn = _normalized_tile(x_ptr, norm_w_ptr, offs_m, offs_k, rstd, M, K, stride_xm, stride_xk, GEMMA, INTERPRETED)
             xn = xn.to(tl.float32)
-            w_mask = n_mask[:, None] & (offs_k[None, :] < K)
-            acc_g += tl.load(wg_ptrs + offs_k[None, :] * stride_wk, mask=w_mask, other=0.0).to(tl.float32) * xn
-            acc_u += tl.load(wu_ptrs + offs_k[None, :] * stride_wk, mask=w_mask, other=0.0).to(tl.float32) * xn
+            acc_g += wg.to(tl.float32) * xn
+            acc_u += wu.to(tl.float32) * xn
         g = tl.sum(acc_g, axis=1)[:, None]
         u = tl.sum(acc_u, axis=1)[:, None]
     else:
+        rstd = _row_rstd(x_ptr, offs_m, M, K, stride_xm, stride_xk, eps, BLOCK_M, NORM_BLOCK_K)
         g = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         u = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             xn = _normalized_tile(x_ptr, norm_w_ptr, offs_m, offs_k, rstd, M, K, stride_xm, stride_xk, GEMMA, INTERPRETED)
             xn = tl.trans(xn)
-            w_mask = n_mask[:, None] & (offs_k[None, :] < K)
-            g = _dot(tl.load(wg_ptrs + offs_k[None, :] * stride_wk, mask=w_mask, other=0.0), xn, g, INTERPRETED, IEEE)
-            u = _dot(tl.load(wu_ptrs + offs_k[None, :] * stride_wk, mask=w_mask, other=0.0), xn, u, INTERPRETED, IEEE)
+            g = _dot(_weight_tile(wg_ptrs, k0, n_mask, K, stride_wk, BLOCK_K), xn, g, INTERPRETED, IEEE)
+            u = _dot(_weight_tile(wu_ptrs, k0, n_mask, K, stride_wk, BLOCK_K), xn, u, INTERPRETED, IEEE)
     y = _gated(g, u, y_ptr.dtype.element_ty, GELU, INTERPRETED)
     y_ptrs = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None] * stride_yn
     tl.store(y_ptrs, y, mask=n_mask[:, None] & (offs_m[None, :] < M))
@@ -165,7 +171,7 @@ def rmsnorm_gate_up_2d(
     """Dispatch by token count: x (M, K) -> (M, I)."""
     M, K = x.shape
     I = gate_up_weight.shape[0] // 2
-    if M <= DECODE_MAX_M:
+    if M == 0 or streams_weights(M, x.dtype):
         y = x.new_empty((M, I))
         if M > 0:
             launch_decode(x, norm_weight, gate_up_weight, y, eps, gemma, activation)
@@ -176,8 +182,7 @@ def rmsnorm_gate_up_2d(
     return ACTIVATIONS[activation](gate) * up
 
 
-@triton_op("hf_fused::rmsnorm_gate_up", mutates_args=())
-def _rmsnorm_gate_up_op(
+def _rmsnorm_gate_up_impl(
     x: Tensor, norm_weight: Tensor, gate_up_weight: Tensor, eps: float, gemma: bool, activation: str
 ) -> Tensor:
     if not runs_triton(x):
@@ -186,6 +191,10 @@ def _rmsnorm_gate_up_op(
     K = x.shape[-1]
     y = rmsnorm_gate_up_2d(x.reshape(-1, K), norm_weight, gate_up_weight, eps, gemma, activation)
     return y.view(*x.shape[:-1], gate_up_weight.shape[0] // 2)
+
+
+# What torch.compile traces; eager calls run _rmsnorm_gate_up_impl directly, as rmsnorm_qkv's do.
+triton_op("hf_fused::rmsnorm_gate_up", mutates_args=())(_rmsnorm_gate_up_impl)
 
 
 def _check_inputs(x: Tensor, norm_weight: Tensor, gate_up_weight: Tensor, norm_style: str, activation: str) -> None:
@@ -222,4 +231,7 @@ def rmsnorm_gate_up(
         math in PyTorch, or the kernels in Triton's interpreter when TRITON_INTERPRET=1.
     """
     _check_inputs(x, norm_weight, gate_up_weight, norm_style, activation)
-    return torch.ops.hf_fused.rmsnorm_gate_up(x, norm_weight, gate_up_weight, eps, norm_style == "gemma", activation)
+    args = (x, norm_weight, gate_up_weight, eps, norm_style == "gemma", activation)
+    if torch.compiler.is_compiling():
+        return torch.ops.hf_fused.rmsnorm_gate_up(*args)
+    return _rmsnorm_gate_up_impl(*args)

@@ -11,8 +11,9 @@ The normalized activations never reach device memory: each program first reduces
 to rstd, then normalizes each K-chunk of x in registers right before it meets the weight.
 
 Paths, chosen by M:
-- decode (M <= DECODE_MAX_M): weight streaming. Cost is reading W once, so every SM gets an
-  equal share of W's rows and pipelines its loads; the few token rows ride along in registers.
+- decode (M <= DECODE_MAX_M; in fp32 one token only, see streams_weights): weight streaming.
+  Cost is reading W once, so every SM gets an equal share of W's rows and keeps its loads in
+  flight; the few token rows ride along in registers.
 - prefill, "fused": a tiled tl.dot GEMM with grouped program order for L2 reuse.
 - prefill, "split" (default, see DEFAULT_PREFILL): a Triton norm pass, then cuBLAS.
 """
@@ -35,6 +36,7 @@ from hf_fused.ops._common import (
     _normalized_tile,
     _round_to,
     _row_rstd,
+    _weight_tile,
     check_inputs,
     launch_norm,
     rmsnorm_ref,
@@ -93,6 +95,16 @@ class GemmConfig:
     GROUP_M: int = 8
 
 
+def streams_weights(M: int, dtype: torch.dtype) -> bool:
+    """Whether M tokens take the weight-streaming decode kernel rather than the prefill path.
+
+    fp32 takes it for one token only. From two tokens on, the kernel's fp32 tl.dot is one FMA
+    chain over all of K (Triton folds separate per-tile sums back into it), and on an H100 that
+    measured 6x cuBLAS's error at K=2304; the split path (Triton norm, cuBLAS) keeps fp32 exact.
+    """
+    return M == 1 or (1 < M <= DECODE_MAX_M and dtype != torch.float32)
+
+
 def decode_config(M: int, N: int, K: int) -> DecodeConfig:
     """Heuristic for the weight-streaming kernel, read off benchmarks/tune_rmsnorm_qkv.py on an H100.
 
@@ -134,25 +146,30 @@ def _rmsnorm_qkv_decode_kernel(
     rows = tl.arange(0, BLOCK_N)
     offs_n = pid * rows_per_program + rows
     n_mask = (rows < rows_per_program) & (offs_n < N)
-    rstd = _row_rstd(x_ptr, offs_m, M, K, stride_xm, stride_xk, eps, BLOCK_M, NORM_BLOCK_K)
     w_ptrs = w_ptr + offs_n[:, None] * stride_wn
     if BLOCK_M == 1:
         # One token: multiply-add on CUDA cores into a (BLOCK_N, BLOCK_K) accumulator and reduce
         # across K once at the end, keeping cross-thread reductions out of the streaming loop.
+        # Triton pipelines only loads that feed tl.dot, so the stream is double-buffered by hand:
+        # the next weight tile is in flight while this one is multiplied, and the first one is
+        # issued before the norm's reduction, which would otherwise leave the program idle.
+        w_next = _weight_tile(w_ptrs, 0, n_mask, K, stride_wk, BLOCK_K)
+        rstd = _row_rstd(x_ptr, offs_m, M, K, stride_xm, stride_xk, eps, BLOCK_M, NORM_BLOCK_K)
         acc_k = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
+            w = w_next
+            w_next = _weight_tile(w_ptrs, k0 + BLOCK_K, n_mask, K, stride_wk, BLOCK_K)
             offs_k = k0 + tl.arange(0, BLOCK_K)
             xn = _normalized_tile(x_ptr, norm_w_ptr, offs_m, offs_k, rstd, M, K, stride_xm, stride_xk, GEMMA, INTERPRETED)
-            w = tl.load(w_ptrs + offs_k[None, :] * stride_wk, mask=n_mask[:, None] & (offs_k[None, :] < K), other=0.0)
             acc_k += w.to(tl.float32) * xn.to(tl.float32)
         acc = tl.sum(acc_k, axis=1)[:, None]
     else:
+        rstd = _row_rstd(x_ptr, offs_m, M, K, stride_xm, stride_xk, eps, BLOCK_M, NORM_BLOCK_K)
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             xn = _normalized_tile(x_ptr, norm_w_ptr, offs_m, offs_k, rstd, M, K, stride_xm, stride_xk, GEMMA, INTERPRETED)
-            w = tl.load(w_ptrs + offs_k[None, :] * stride_wk, mask=n_mask[:, None] & (offs_k[None, :] < K), other=0.0)
-            acc = _dot(w, tl.trans(xn), acc, INTERPRETED, IEEE)
+            acc = _dot(_weight_tile(w_ptrs, k0, n_mask, K, stride_wk, BLOCK_K), tl.trans(xn), acc, INTERPRETED, IEEE)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
     y_ptrs = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None] * stride_yn
@@ -233,19 +250,18 @@ def rmsnorm_qkv_2d(
     """Dispatch by token count: x (M, K) -> (M, N). ``prefill`` picks the path for M > DECODE_MAX_M."""
     M, K = x.shape
     N = qkv_weight.shape[0]
-    if M <= DECODE_MAX_M or prefill == "fused":
+    streams = streams_weights(M, x.dtype)
+    if M == 0 or streams or (prefill == "fused" and M > DECODE_MAX_M):
         y = x.new_empty((M, N))
         if M > 0:
-            launch = launch_decode if M <= DECODE_MAX_M else launch_gemm
-            launch(x, norm_weight, qkv_weight, bias, y, eps, gemma)
+            (launch_decode if streams else launch_gemm)(x, norm_weight, qkv_weight, bias, y, eps, gemma)
         return y
     normed = x.new_empty((M, K))
     launch_norm(x, norm_weight, normed, eps, gemma)
     return F.linear(normed, qkv_weight, bias)
 
 
-@triton_op("hf_fused::rmsnorm_qkv", mutates_args=())
-def _rmsnorm_qkv_op(
+def _rmsnorm_qkv_impl(
     x: Tensor, norm_weight: Tensor, qkv_weight: Tensor, bias: Tensor | None, eps: float, gemma: bool
 ) -> Tensor:
     norm_style = "gemma" if gemma else "llama"
@@ -254,6 +270,10 @@ def _rmsnorm_qkv_op(
     K = x.shape[-1]
     y = rmsnorm_qkv_2d(x.reshape(-1, K), norm_weight, qkv_weight, bias, eps, gemma)
     return y.view(*x.shape[:-1], qkv_weight.shape[0])
+
+
+# The registered op is what torch.compile traces (fake tensors, no graph break, CUDA graphs).
+triton_op("hf_fused::rmsnorm_qkv", mutates_args=())(_rmsnorm_qkv_impl)
 
 
 def _check_inputs(x: Tensor, norm_weight: Tensor, qkv_weight: Tensor, bias: Tensor | None, norm_style: str) -> None:
@@ -289,4 +309,9 @@ def rmsnorm_qkv(
         math in PyTorch, or the kernels in Triton's interpreter when TRITON_INTERPRET=1.
     """
     _check_inputs(x, norm_weight, qkv_weight, bias, norm_style)
-    return torch.ops.hf_fused.rmsnorm_qkv(x, norm_weight, qkv_weight, bias, eps, norm_style == "gemma")
+    args = (x, norm_weight, qkv_weight, bias, eps, norm_style == "gemma")
+    # Eager calls skip the dispatcher and run the op's body: same kernels, less host time per
+    # call, which is what eager decoding is bound by (benchmarks/host_overhead.py).
+    if torch.compiler.is_compiling():
+        return torch.ops.hf_fused.rmsnorm_qkv(*args)
+    return _rmsnorm_qkv_impl(*args)
