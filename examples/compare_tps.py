@@ -3,6 +3,8 @@
     python examples/compare_tps.py                          # embedded SmolLM2-135M-Instruct
     python examples/compare_tps.py --shape llama3-8b        # random weights at the real 8B config
     python examples/compare_tps.py --model Qwen/Qwen2.5-1.5B --batch-sizes 1,8
+    python examples/compare_tps.py --shape llama3-8b --device-map auto           # layers over the GPUs
+    torchrun --nproc-per-node 2 examples/compare_tps.py --shape llama3-8b --tp-plan auto
 
 Modes, each run on the stock model and then on the same model object patched:
     eager      transformers' generate with its default dynamic cache
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import statistics
 import sys
@@ -77,8 +80,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def sync(device: torch.device) -> None:
+    # Every GPU: under a device_map the last layers run on another GPU than the input ids.
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        for index in range(torch.cuda.device_count()):
+            torch.cuda.synchronize(index)
 
 
 def copy_bandwidth_gbs(device: torch.device, nbytes: int = 1 << 30, iters: int = 20) -> float | None:
@@ -219,7 +224,9 @@ def plot(results: list[dict[str, Any]], meta: dict[str, Any], path: Path) -> str
     return f"chart: {path}"
 
 
-def progress(total: int):
+def progress(total: int, shown: bool = True):
+    if not shown:
+        return None
     try:
         from tqdm import tqdm
     except ImportError:
@@ -237,6 +244,14 @@ def main(argv: list[str] | None = None) -> int:
     args.new_tokens = args.new_tokens or (256 if on_cuda else 16)
     torch.manual_seed(args.seed)
 
+    if args.tp_plan and not torch.distributed.is_initialized():
+        # One process per GPU under torchrun: join them before loading, as transformers would.
+        if on_cuda:
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl" if on_cuda else "gloo")
+    main_rank = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    if not main_rank:
+        sys.stdout = open(os.devnull, "w")  # every rank runs and times the same; rank 0 reports
     env = environment(device)
     print(f"{env['device']} | torch {env['torch']} | triton {env['triton']} | "
           f"transformers {env['transformers']} | {env['date']}")
@@ -254,6 +269,9 @@ def main(argv: list[str] | None = None) -> int:
         "model_type": model.config.model_type,
         "dtype": str(dtype).removeprefix("torch."),
         "device": str(device),
+        "device_map": args.device_map,
+        "tp_plan": args.tp_plan,
+        "world_size": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1,
         "kernel_path": kernel_path(device),
         "fuse": list(args.fuse),
         "modes": args.modes,
@@ -280,7 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     json_path, png_path = out_dir / f"{slug}.json", out_dir / f"{slug}.png"
 
     # The logits check comes first: a fast wrong kernel must not produce a speed table.
-    check_ids = torch.randint(model.config.vocab_size, (1, min(args.prompt_len, 64))).to(device)
+    # From a seeded generator: under --tp-plan every rank must feed the same ids.
+    generator = torch.Generator().manual_seed(args.seed)
+    check_ids = torch.randint(model.config.vocab_size, (1, min(args.prompt_len, 64)), generator=generator).to(device)
     hf_fused.patch_model(model, fuse=args.fuse)
     report = hf_fused.verify_patch(model, check_ids)
     meta["patched_layers"] = patched_layers(model)
@@ -298,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     hf_fused.unpatch_model(model)
 
     results: list[dict[str, Any]] = []
-    bar = progress(len(VARIANTS) * len(args.modes) * len(args.batch_sizes))
+    bar = progress(len(VARIANTS) * len(args.modes) * len(args.batch_sizes), shown=main_rank)
     for variant in VARIANTS:
         if variant == "patched":
             hf_fused.patch_model(model, fuse=args.fuse)
@@ -329,9 +349,10 @@ def main(argv: list[str] | None = None) -> int:
             r["speedup"] = r["tok_s"] / base[(r["mode"], r["batch"])] if base.get((r["mode"], r["batch"])) else None
             r["pct_copy_bw"] = 100 * r["gb_s"] / copy_bw if copy_bw else None
 
-    json_path.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
-    print(f"results: {json_path}")
-    print(plot(results, meta, png_path))
+    if main_rank:
+        json_path.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+        print(f"results: {json_path}")
+        print(plot(results, meta, png_path))
     print()
     print(markdown_table(results, meta))
     return 1 if any("error" in r for r in results) else 0

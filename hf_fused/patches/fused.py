@@ -13,10 +13,12 @@ the originals keep no storage until unstack points them at rows of it again.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor, Shard
 
 from hf_fused.ops import rmsnorm_gate_up, rmsnorm_qkv
 
@@ -133,6 +135,65 @@ def fused_mlp_forward(mlp: nn.Module, hidden_states: Tensor) -> Tensor:
     return mlp.down_proj(mlp.gate_up_fused(hidden_states))
 
 
+@dataclass(frozen=True)
+class ShardLayout:
+    """How a tensor-parallel parameter (a DTensor) was laid out, so that rows of the fused local
+    weight can be handed out again as the same DTensor."""
+
+    mesh: object
+    placements: tuple
+    shape: torch.Size
+    stride: tuple[int, ...]
+
+    @classmethod
+    def of(cls, t: DTensor) -> ShardLayout:
+        return cls(t.device_mesh, tuple(t.placements), t.shape, t.stride())
+
+    def wrap(self, local: Tensor) -> DTensor:
+        return DTensor.from_local(local, self.mesh, self.placements, run_check=False, shape=self.shape, stride=self.stride)
+
+
+def local_shard(t: Tensor) -> Tensor:
+    """This rank's part of a tensor-parallel DTensor; a plain tensor as it is."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def tensor_parallel_problem(
+    norm_weight: Tensor, projs: dict[str, nn.Linear], heads: tuple[int | None, int | None] | None
+) -> str | None:
+    """Why these projections can't be fused under tensor parallelism, or None if they can.
+
+    Each rank fuses its own row shards (transformers' "colwise" plan), so each rank must hold
+    whole heads, with as many query heads per key/value head as the model has (``heads`` is
+    (head_dim, query heads per kv head) for attention, None for an MLP), and equal shards of
+    projections that meet elementwise. Every weight must be sharded alike, and the norm not at all.
+    """
+    params = [t for p in projs.values() for t in (p.weight, p.bias) if t is not None]
+    sharded = [isinstance(t, DTensor) for t in params]
+    if isinstance(norm_weight, DTensor):
+        return "the norm weight is a DTensor (sharded norms are not supported)"
+    if not any(sharded):
+        return None
+    if not all(sharded):
+        return "mixes tensor-parallel (DTensor) and plain weights"
+    if len({(t.device_mesh, tuple(t.placements)) for t in params}) > 1 or tuple(params[0].placements) != (Shard(0),):
+        return "is not sharded by output rows (tensor parallel 'colwise') on one mesh dimension"
+    rows = {name: local_shard(p.weight).shape[0] for name, p in projs.items()}
+    names = list(rows)
+    if heads is None:
+        if len(set(rows.values())) > 1:
+            return f"has shards of unequal sizes on this rank: {rows}"
+        return None
+    head_dim, groups = heads
+    if not (isinstance(head_dim, int) and isinstance(groups, int)):
+        return "is tensor-parallel, and its attention has no int head_dim and num_key_value_groups to check shards against"
+    q, k, v = (rows[n] for n in names)
+    if q % head_dim or k % head_dim or k != v or q != groups * k:
+        return (f"has tensor-parallel shards that are not whole heads on this rank ({rows}; head_dim {head_dim}, "
+                f"{groups} query heads per key/value head)")
+    return None
+
+
 def stack_rows(parts: list[Tensor]) -> Tensor:
     """torch.cat(parts), without copying when they already are adjacent rows of one buffer.
 
@@ -162,26 +223,36 @@ def stack_into(
     placeholder: Callable[[int, int], nn.Module],
 ) -> FusedNorm:
     """Stack ``projs`` (children of ``parent``) by rows into ``make_fused(weight, bias)``, put
-    ``placeholder(start, stop)`` in their places, and keep their state_dict keys on ``parent``."""
+    ``placeholder(start, stop)`` in their places, and keep their state_dict keys on ``parent``.
+
+    Under tensor parallelism the projections hold DTensor row shards: the fused weight stacks
+    this rank's shards, a plain tensor, and the DTensors are rebuilt from its rows on unstack
+    and in the state_dict."""
     key_order = list(parent.state_dict(keep_vars=True))
     first = next(iter(projs.values()))
     with torch.no_grad():
-        weight = stack_rows([p.weight for p in projs.values()]).requires_grad_(first.weight.requires_grad)
-        bias = None if first.bias is None else stack_rows([p.bias for p in projs.values()])
+        weight = stack_rows([local_shard(p.weight) for p in projs.values()]).requires_grad_(first.weight.requires_grad)
+        bias = None if first.bias is None else stack_rows([local_shard(p.bias) for p in projs.values()])
     if bias is not None:
         bias.requires_grad_(first.bias.requires_grad)
     fused = make_fused(weight, bias)
-    bounds, start = {}, 0
+    bounds, layouts, start = {}, {}, 0
     for name, proj in projs.items():
-        bounds[name] = (start, start + proj.out_features)
-        start += proj.out_features
+        rows = local_shard(proj.weight).shape[0]
+        bounds[name] = (start, start + rows)
+        start += rows
         # Drop the originals' storage (the fused weight has it now); unstack points them back
         # at rows of whatever the fused weight is then, e.g. after model.to(float16).
-        for p in (proj.weight, proj.bias):
-            if p is not None:
+        for kind in ("weight", "bias"):
+            p = getattr(proj, kind)
+            if isinstance(p, DTensor):
+                # A DTensor's local storage can't be swapped through .data: drop the parameter.
+                layouts[name, kind] = ShardLayout.of(p)
+                proj._parameters[kind] = None
+            elif p is not None:
                 p.data = p.data.new_empty(0)
         setattr(parent, name, placeholder(*bounds[name]).train(parent.training))
-    fused.bounds, fused.key_order, fused.originals = bounds, key_order, projs
+    fused.bounds, fused.layouts, fused.key_order, fused.originals = bounds, layouts, key_order, projs
     fused.hooks = [
         parent.register_state_dict_post_hook(partial(state_dict_post_hook, attr=attr)),
         parent.register_load_state_dict_pre_hook(partial(load_state_dict_pre_hook, attr=attr)),
@@ -193,15 +264,19 @@ def unstack(parent: nn.Module, fused: FusedNorm) -> None:
     """Put the original projections back as row views of the current fused weight: no copy, and right after any .to()."""
     for hook in fused.hooks:
         hook.remove()
-    weight = fused.weight.detach()
-    bias = None if fused.bias is None else fused.bias.detach()
     for name, proj in fused.originals.items():
         start, stop = fused.bounds[name]
-        proj.weight.data = weight[start:stop]
-        proj.weight.requires_grad_(fused.weight.requires_grad)
-        if bias is not None:
-            proj.bias.data = bias[start:stop]
-            proj.bias.requires_grad_(fused.bias.requires_grad)
+        for kind in ("weight", "bias"):
+            stacked = getattr(fused, kind)
+            if stacked is None:
+                continue
+            rows = stacked.detach()[start:stop]
+            layout = fused.layouts.get((name, kind))
+            if layout is not None:
+                proj._parameters[kind] = nn.Parameter(layout.wrap(rows), requires_grad=stacked.requires_grad)
+            else:
+                getattr(proj, kind).data = rows
+                getattr(proj, kind).requires_grad_(stacked.requires_grad)
         setattr(parent, name, proj)
 
 
@@ -213,7 +288,9 @@ def state_dict_post_hook(parent: nn.Module, state_dict: dict, prefix: str, local
         stacked = local.pop(f"{attr}.{kind}", None)
         if stacked is not None:
             for name, (start, stop) in fused.bounds.items():
-                local[f"{name}.{kind}"] = stacked[start:stop]
+                layout = fused.layouts.get((name, kind))
+                rows = stacked[start:stop]
+                local[f"{name}.{kind}"] = rows if layout is None else layout.wrap(rows)
     for key in fused.key_order:
         if key in local:
             state_dict[prefix + key] = local.pop(key)
@@ -223,7 +300,14 @@ def state_dict_post_hook(parent: nn.Module, state_dict: dict, prefix: str, local
 
 def load_state_dict_pre_hook(parent: nn.Module, state_dict: dict, prefix: str, *args, attr: str) -> None:
     """Stack the original projections' keys into the fused module's, so standard checkpoints load."""
+    fused = getattr(parent, attr)
     for kind in ("weight", "bias"):
-        keys = [f"{prefix}{name}.{kind}" for name in getattr(parent, attr).bounds]
-        if all(k in state_dict for k in keys):
-            state_dict[f"{prefix}{attr}.{kind}"] = torch.cat([state_dict.pop(k) for k in keys])
+        keys = {name: f"{prefix}{name}.{kind}" for name in fused.bounds}
+        if not all(k in state_dict for k in keys.values()):
+            continue
+        for name, key in keys.items():
+            if (name, kind) in fused.layouts and not isinstance(state_dict[key], DTensor):
+                raise ValueError(f"{key}: a tensor-parallel patched model loads the DTensor shards its own "
+                                 f"state_dict() gives, not a full tensor; load it before patch_model")
+        parts = [local_shard(state_dict.pop(key)) for key in keys.values()]
+        state_dict[f"{prefix}{attr}.{kind}"] = torch.cat(parts)

@@ -14,6 +14,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from hf_fused.ops import rmsnorm_ref
 from hf_fused.ops.rmsnorm_gate_up import ACTIVATIONS
@@ -26,8 +27,10 @@ from hf_fused.patches.fused import (
     fused_attention_forward,
     fused_mlp_forward,
     identity_forward,
+    local_shard,
     norm_eps,
     stack_into,
+    tensor_parallel_problem,
     unstack,
 )
 from hf_fused.patches.specs import SPECS, FamilySpec
@@ -124,6 +127,11 @@ def _fusion(layer: nn.Module, kind: str, spec: FamilySpec) -> _Fusion | str:
     biases = {p.bias is None for p in projs.values()}
     if len(biases) > 1 or (not k.bias and biases != {True}):
         return f"{k.parent}'s {' and '.join(projs)} have biases the fused op doesn't take"
+    heads = (getattr(parent, "head_dim", None), getattr(parent, "num_key_value_groups", None)) if kind == "qkv" else None
+    if packed and any(isinstance(t, DTensor) for t in tensors):
+        return f"{k.parent}.{k.packed} is tensor-parallel (DTensor); packed projections are fused only unsharded"
+    if problem := tensor_parallel_problem(weight, projs, heads):
+        return f"{k.parent}.{'/'.join(projs)} {problem}"
     if not k.passthrough and "forward" in parent.__dict__:
         return f"{k.parent} has an instance forward (hooks) that the fused forward would bypass"
     return _Fusion(kind, parent, norm, projs)
@@ -203,7 +211,7 @@ def _mlp_activation(fusion: _Fusion) -> str | None:
     """
     mlp = fusion.parent
     others = [m for name, m in mlp.named_children() if name not in fusion.projs and name != "down_proj"]
-    weights = [p.weight for p in fusion.projs.values()]
+    weights = [local_shard(p.weight) for p in fusion.projs.values()]  # this rank's rows, under tensor parallelism
     gate_weight, up_weight = weights if len(weights) == 2 else weights[0].chunk(2)
     g, x = torch.linspace(-8, 8, 255).to(gate_weight), _probe(gate_weight)
     with torch.no_grad():
