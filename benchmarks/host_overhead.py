@@ -6,10 +6,11 @@ Eager decoding at batch 1 is bound by the host: each call's Python, dispatch and
 not its kernel. This times calls back to back on the CPU clock, at a shape small enough that the
 GPU is never the bottleneck (SmolLM2-135M's 576 -> 960), so the numbers are host cost alone:
 
-  public op       hf_fused.ops.rmsnorm_qkv as eager code calls it: checks, then the op's body
-  torch.ops       the registered custom op, through the dispatcher (what torch.compile traces)
-  body            the op's body without the checks: dispatch by M, one Triton launch
-  kernel launch   the decode kernel's launcher with its config chosen beforehand
+  public op       hf_fused.ops.rmsnorm_qkv as eager code calls it: checks, then the registered op
+  torch.ops       the registered custom op alone; it runs the body with wrap_triton's tracing off
+  body            the op's body called bare: outside the op, wrap_triton launches through
+                  torch's tracing machinery (a higher-order op), which is why nothing calls it so
+  kernel launch   the decode kernel's launcher, bare as well, with its config chosen beforehand
   eager unfused   LlamaRMSNorm and three nn.Linear, as transformers runs them
   one F.linear    one cuBLAS call, for scale
 """

@@ -37,7 +37,7 @@ from hf_fused.models import SHAPES, build_random_model, weight_bytes  # noqa: E4
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 FUSED_AWAY = {"qkv": ("q_proj", "k_proj", "v_proj"), "mlp": ("gate_proj", "up_proj")}
 CUBLAS = re.compile(r"gemm|gemv|nvjet|cutlass|xmma|sm90_", re.IGNORECASE)
-CUBLAS_REDUCE = re.compile(r"splitk|reduce_kernel", re.IGNORECASE)
+CUBLAS_REDUCE = re.compile(r"splitkreduce|reduce_kernel", re.IGNORECASE)
 ATTENTION = re.compile(r"flash|fmha|attention|sdpa", re.IGNORECASE)
 FUSED_OPS = {"_rmsnorm_qkv_decode_kernel": "norm+qkv (hf_fused)", "_rmsnorm_gate_up_decode_kernel": "norm+gate/up (hf_fused)"}
 
@@ -98,18 +98,21 @@ def split_layers(kernels: list[str], n_layers: int) -> tuple[list[int], int]:
 def label_layer(names: list[str], fuse: tuple[str, ...]) -> list[str]:
     """A label per kernel of one layer: its projection, attention, a fused op, or other."""
     projections = [p for p in PROJECTIONS if not any(p in FUSED_AWAY[f] for f in fuse)]
-    mains = [i for i, n in enumerate(names) if CUBLAS.search(n) and not CUBLAS_REDUCE.search(n)]
+    # cuDNN's attention kernels can carry GEMM-like words in their names: attention is matched first.
+    mains = [i for i, n in enumerate(names)
+             if CUBLAS.search(n) and not CUBLAS_REDUCE.search(n) and not ATTENTION.search(n)]
     named = dict(zip(mains, projections)) if len(mains) == len(projections) else {}
     labels = []
     for i, name in enumerate(names):
         if i in named:
             labels.append(named[i])
+        elif ATTENTION.search(name):
+            # Inductor names its kernels after the ops they fuse: these feed the attention kernel.
+            labels.append("attention inputs (inductor)" if name.startswith("triton_") else "attention")
         elif CUBLAS_REDUCE.search(name) and labels and labels[-1] in PROJECTIONS:
             labels.append(labels[-1] + " (split-K reduce)")
         elif name in FUSED_OPS:
             labels.append(FUSED_OPS[name])
-        elif ATTENTION.search(name):
-            labels.append("attention")
         else:
             labels.append("other")
     return labels
@@ -179,7 +182,7 @@ def main() -> None:
               "step_kernels": list(zip(names, us)), "tok_s": args.batch * 1e6 / step_us}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"profile_{args.shape}_{'+'.join(fuse) or 'stock'}_b{args.batch}"
+    stem = f"profile_{args.shape}_{'-'.join(fuse) or 'stock'}_b{args.batch}"
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
 
     print(f"\n{args.shape}, fuse={','.join(fuse) or 'none'}, batch {args.batch}, cache {cache_len}; "

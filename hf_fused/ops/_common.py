@@ -8,6 +8,7 @@ internal to hf_fused.ops, imported by its op files only.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -54,6 +55,18 @@ def check_inputs(x: Tensor, norm_weight: Tensor, norm_style: str, **weights: Ten
 def triton_interpreter_enabled() -> bool:
     """Whether Triton runs kernels in its CPU interpreter (decided when triton.jit ran)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def on_device_of(x: Tensor) -> contextlib.AbstractContextManager:
+    """Make x's GPU the current device while the op launches its kernels.
+
+    Triton launches on the current device's stream; a layer that accelerate placed on another
+    GPU than the current one would otherwise run there, unordered with its inputs' writes.
+    Compiled code sets its own device guard, so this is for eager calls only.
+    """
+    if x.is_cuda and not torch.compiler.is_compiling() and x.device.index != torch.cuda.current_device():
+        return torch.cuda.device(x.device)
+    return contextlib.nullcontext()
 
 
 def runs_triton(x: Tensor) -> bool:

@@ -43,6 +43,7 @@ from hf_fused.ops._common import (
     _weight_tile,
     check_inputs,
     launch_norm,
+    on_device_of,
     rmsnorm_ref,
     runs_triton,
 )
@@ -193,7 +194,7 @@ def _rmsnorm_gate_up_impl(
     return y.view(*x.shape[:-1], gate_up_weight.shape[0] // 2)
 
 
-# What torch.compile traces; eager calls run _rmsnorm_gate_up_impl directly, as rmsnorm_qkv's do.
+# The registered op serves eager calls and torch.compile alike, as rmsnorm_qkv's does.
 triton_op("hf_fused::rmsnorm_gate_up", mutates_args=())(_rmsnorm_gate_up_impl)
 
 
@@ -231,7 +232,5 @@ def rmsnorm_gate_up(
         math in PyTorch, or the kernels in Triton's interpreter when TRITON_INTERPRET=1.
     """
     _check_inputs(x, norm_weight, gate_up_weight, norm_style, activation)
-    args = (x, norm_weight, gate_up_weight, eps, norm_style == "gemma", activation)
-    if torch.compiler.is_compiling():
-        return torch.ops.hf_fused.rmsnorm_gate_up(*args)
-    return _rmsnorm_gate_up_impl(*args)
+    with on_device_of(x):
+        return torch.ops.hf_fused.rmsnorm_gate_up(x, norm_weight, gate_up_weight, eps, norm_style == "gemma", activation)

@@ -39,6 +39,7 @@ from hf_fused.ops._common import (
     _weight_tile,
     check_inputs,
     launch_norm,
+    on_device_of,
     rmsnorm_ref,
     runs_triton,
 )
@@ -272,7 +273,9 @@ def _rmsnorm_qkv_impl(
     return y.view(*x.shape[:-1], qkv_weight.shape[0])
 
 
-# The registered op is what torch.compile traces (fake tensors, no graph break, CUDA graphs).
+# Eager calls go through the registered op too: it launches the kernels directly, while the
+# bare body's wrap_triton launch would take the tracing path, 3x the host time per call
+# (benchmarks/host_overhead.py). torch.compile traces the op without a graph break.
 triton_op("hf_fused::rmsnorm_qkv", mutates_args=())(_rmsnorm_qkv_impl)
 
 
@@ -309,9 +312,5 @@ def rmsnorm_qkv(
         math in PyTorch, or the kernels in Triton's interpreter when TRITON_INTERPRET=1.
     """
     _check_inputs(x, norm_weight, qkv_weight, bias, norm_style)
-    args = (x, norm_weight, qkv_weight, bias, eps, norm_style == "gemma")
-    # Eager calls skip the dispatcher and run the op's body: same kernels, less host time per
-    # call, which is what eager decoding is bound by (benchmarks/host_overhead.py).
-    if torch.compiler.is_compiling():
-        return torch.ops.hf_fused.rmsnorm_qkv(*args)
-    return _rmsnorm_qkv_impl(*args)
+    with on_device_of(x):
+        return torch.ops.hf_fused.rmsnorm_qkv(x, norm_weight, qkv_weight, bias, eps, norm_style == "gemma")
