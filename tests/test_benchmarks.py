@@ -19,15 +19,23 @@ import report  # noqa: E402
 from hf_fused.ops import rmsnorm_gate_up_ref, rmsnorm_qkv_ref  # noqa: E402
 
 
-def test_qkv_table_is_the_committed_one(capsys):
-    """--table on the committed H100 run prints the table in docs/bench_rmsnorm_qkv.md, line for line."""
-    result = json.loads((ROOT / "docs" / "bench_rmsnorm_qkv_h100.json").read_text())
-    report.print_table(result, qkv.OP)
+COMMITTED = [  # (op, the run's JSON, the doc that shows its table)
+    (qkv.OP, "bench_rmsnorm_qkv_h100.json", "bench_rmsnorm_qkv.md"),
+    (qkv.OP, "bench_rmsnorm_qkv_h100_8b_prefetch.json", "bench_rmsnorm_qkv.md"),
+    (gate_up.OP, "bench_rmsnorm_gate_up_h100.json", "bench_rmsnorm_gate_up.md"),
+]
+
+
+@pytest.mark.parametrize("op, run, doc", COMMITTED, ids=[run for _, run, _ in COMMITTED])
+def test_doc_tables_are_the_committed_runs(op, run, doc, capsys):
+    """--table on each committed H100 run prints the table its doc shows, line for line."""
+    result = json.loads((ROOT / "docs" / run).read_text())
+    report.print_table(result, op)
     printed = capsys.readouterr().out
     provenance, table = printed.split("\n", 1)
     assert table.count("\n") == 2 + len(result["rows"])  # header, rule, rows
     # The doc leaves a blank line between the provenance line and the table.
-    assert f"{provenance}\n\n{table}" in (ROOT / "docs" / "bench_rmsnorm_qkv.md").read_text()
+    assert f"{provenance}\n\n{table}" in (ROOT / "docs" / doc).read_text()
 
 
 def inputs(dtype, M=5, K=64, N=96, seed=0):
@@ -67,3 +75,26 @@ def test_qkv_peers_compute_the_op(dtype):
         }
     for name, y in peers.items():
         torch.testing.assert_close(y, expected, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_profile_splits_layers_and_names_their_kernels():
+    import profile_decode
+
+    layer = ["_rmsnorm_qkv_decode_kernel", "triton_poi_fused_index_copy", "triton_poi_fused__scaled_dot_product_cudnn_attention_0",
+             "cudnn_generated_fort_native_sdpa_sm80_flash_fprop_wmma_f16", "nvjet_sm90_tst_64x8_splitK_TNT",
+             "void cublasLt::splitKreduce_kernel<32>", "triton_poi_fused_add", "_rmsnorm_gate_up_decode_kernel",
+             "nvjet_sm90_tst_64x8_splitK_TNT", "void cublasLt::splitKreduce_kernel<32>", "triton_poi_fused_add"]
+    # The first layer launches one kernel more (the compiler fused across its boundary): it is
+    # left out, as is the last, whose span runs on into the step's tail.
+    first = [*layer[:2], "triton_poi_fused_first_layer_only", *layer[2:]]
+    names = ["embedding", *first, *layer, *layer, *layer, "norm", "lm_head_gemm", "argmax"]
+    starts, period = profile_decode.split_layers(names, 4)
+    assert (starts, period) == ([13, 24], len(layer))
+    assert profile_decode.label_layer(layer, ("qkv", "mlp")) == [
+        "norm+qkv (hf_fused)", "other", "attention inputs (inductor)", "attention", "o_proj",
+        "o_proj (split-K reduce)", "other", "norm+gate/up (hf_fused)", "down_proj", "down_proj (split-K reduce)", "other",
+    ]
+    # Unfused: seven projections in layer order; a count that doesn't match names none of them.
+    stock = ["gemv"] * 7
+    assert profile_decode.label_layer(stock, ()) == list(profile_decode.PROJECTIONS)
+    assert profile_decode.label_layer(stock[:6], ()) == ["other"] * 6

