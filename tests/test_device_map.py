@@ -58,3 +58,25 @@ def test_offloaded_layer_is_refused_and_model_untouched(checkpoint, tmp_path):
     assert not hf_fused.is_patched(model)
     assert dict(model.named_modules()) == modules_before
     assert torch.equal(logits(model), stock)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fuse", [("qkv",), ("qkv", "mlp")], ids="+".join)
+def test_layers_on_two_gpus_run_on_their_own_gpu(checkpoint, dtype, fuse):
+    """Layer 0 on cuda:0 and layer 1 on cuda:1: each fused kernel must launch on its layer's GPU,
+    whichever GPU is current, or it reads inputs another stream has not finished writing."""
+    device_map = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0, "model.layers.1": 1,
+                  "model.norm": 1, "lm_head": 1}
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, device_map=device_map, dtype=dtype).eval()
+    ids = IDS.to("cuda:0")
+    with torch.no_grad():
+        stock = model(ids).logits.float()
+        hf_fused.patch_model(model, fuse=fuse)
+        assert model.model.layers[1].self_attn.qkv_fused.weight.device == torch.device("cuda", 1)
+        torch.cuda.set_device(0)
+        patched = model(ids).logits.float()
+    assert torch.isfinite(patched).all()
+    tolerance = 0.05 if dtype == torch.bfloat16 else 1e-4
+    torch.testing.assert_close(patched, stock, rtol=tolerance, atol=tolerance)
+    assert hf_fused.verify_patch(model, ids).ok
