@@ -7,7 +7,9 @@ q/k norms, sliding windows, softcap, scaling and the cache update are never rewr
 MLP: a gated MLP's forward becomes down_proj(rmsnorm_gate_up(x)); down_proj stays its own.
 
 Separate projections are stacked by rows into one weight owned by the fused module (stack_into);
-the originals keep no storage until unstack points them at rows of it again.
+the originals keep no storage until unstack points them at rows of it again. Under tensor
+parallelism each rank stacks its own row shards; the DTensors come back on unstack and in the
+state_dict (ShardLayout).
 """
 
 from __future__ import annotations
