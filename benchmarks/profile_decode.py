@@ -122,10 +122,9 @@ def floor_bytes(model, label: str, cache_len: int, batch: int) -> int | None:
     """Bytes a kernel with this label must read at least, per layer."""
     layer = model.model.layers[0]
     attn, mlp = layer.self_attn, layer.mlp
-    size = lambda *modules: sum(m.weight.numel() * m.weight.element_size() for m in modules)  # noqa: E731
     if label in PROJECTIONS:
-        owner = attn if label in ("q_proj", "k_proj", "v_proj", "o_proj") else mlp
-        return size(getattr(owner, label))
+        weight = getattr(attn if label in ("q_proj", "k_proj", "v_proj", "o_proj") else mlp, label).weight
+        return weight.numel() * weight.element_size()
     if label == "norm+qkv (hf_fused)":
         return layer.self_attn.qkv_fused.weight.numel() * 2
     if label == "norm+gate/up (hf_fused)":
