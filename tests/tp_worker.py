@@ -11,6 +11,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tenso
 from transformers import AutoModelForCausalLM
 
 import hf_fused
+from hf_fused.patches.fused import tensor_parallel_problem
 
 
 def full(t: torch.Tensor) -> torch.Tensor:
@@ -70,6 +71,16 @@ def main(folder: str) -> None:
         raise AssertionError("a replicated k_proj among sharded q/v was patched")
     assert not hf_fused.is_patched(model)
     assert all(p is params[name] for name, p in model.named_parameters())
+    # Shards that split heads: 12 query rows of 4-wide heads leave each of two ranks 6 rows.
+    def sharded(rows: int) -> nn.Linear:
+        linear = nn.Linear(8, rows, bias=False, device=device)
+        linear.weight = nn.Parameter(distribute_tensor(linear.weight.detach(), k_proj.weight.device_mesh, [Shard(0)]),
+                                     requires_grad=False)
+        return linear
+
+    projs = {"q_proj": sharded(12), "k_proj": sharded(4), "v_proj": sharded(4)}
+    problem = tensor_parallel_problem(torch.ones(8, device=device), projs, heads=(4, 3))
+    assert problem is not None and "not whole heads" in problem, problem
     dist.barrier()
     print(f"rank {dist.get_rank()} of {world}: ok", flush=True)
     dist.destroy_process_group()
