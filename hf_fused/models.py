@@ -14,8 +14,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+
+from hf_fused.patches.fused import local_shard
 
 logger = logging.getLogger(__name__)
 
@@ -164,10 +165,10 @@ def load_default_model(
     return (model if placement else model.to(device)).eval(), tokenizer
 
 
-def random_checkpoint(shape: str, dtype: torch.dtype, folder: str | os.PathLike | None = None) -> str:
-    """A saved checkpoint of ``build_random_model(shape, dtype)``, for loaders that read a folder
-    (``device_map``, ``tp_plan``). Written once per folder, by one process when distributed."""
-    folder = str(folder or os.path.join(tempfile.gettempdir(), f"hf_fused_{shape}_{str(dtype).removeprefix('torch.')}"))
+def random_checkpoint(shape: str, dtype: torch.dtype) -> str:
+    """A saved checkpoint of ``build_random_model(shape, dtype)`` in the temp folder, for loaders
+    that read a folder (``device_map``, ``tp_plan``). Written once, by one process when distributed."""
+    folder = os.path.join(tempfile.gettempdir(), f"hf_fused_{shape}_{str(dtype).removeprefix('torch.')}")
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     if not os.path.exists(os.path.join(folder, "config.json")) and (not distributed or torch.distributed.get_rank() == 0):
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -235,7 +236,7 @@ def weight_bytes(model: nn.Module) -> int:
         else:
             # Views of one storage (e.g. q/k/v rows of a concatenated weight) are read once; a
             # tensor-parallel DTensor counts this rank's shard.
-            storage = (param.to_local() if isinstance(param, DTensor) else param).untyped_storage()
+            storage = local_shard(param).untyped_storage()
             key = (storage.device, storage.data_ptr())
             nbytes = storage.nbytes()
         if key not in seen:

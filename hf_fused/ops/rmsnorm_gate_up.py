@@ -183,7 +183,9 @@ def rmsnorm_gate_up_2d(
     return ACTIVATIONS[activation](gate) * up
 
 
-def _rmsnorm_gate_up_impl(
+# Eager calls and torch.compile both go through the registered op, as rmsnorm_qkv's do.
+@triton_op("hf_fused::rmsnorm_gate_up", mutates_args=())
+def _rmsnorm_gate_up_op(
     x: Tensor, norm_weight: Tensor, gate_up_weight: Tensor, eps: float, gemma: bool, activation: str
 ) -> Tensor:
     if not runs_triton(x):
@@ -192,10 +194,6 @@ def _rmsnorm_gate_up_impl(
     K = x.shape[-1]
     y = rmsnorm_gate_up_2d(x.reshape(-1, K), norm_weight, gate_up_weight, eps, gemma, activation)
     return y.view(*x.shape[:-1], gate_up_weight.shape[0] // 2)
-
-
-# The registered op serves eager calls and torch.compile alike, as rmsnorm_qkv's does.
-triton_op("hf_fused::rmsnorm_gate_up", mutates_args=())(_rmsnorm_gate_up_impl)
 
 
 def _check_inputs(x: Tensor, norm_weight: Tensor, gate_up_weight: Tensor, norm_style: str, activation: str) -> None:

@@ -262,7 +262,11 @@ def rmsnorm_qkv_2d(
     return F.linear(normed, qkv_weight, bias)
 
 
-def _rmsnorm_qkv_impl(
+# Eager calls go through the registered op too: it launches the kernels directly, while the
+# bare body's wrap_triton launch would take the tracing path, 3x the host time per call
+# (benchmarks/host_overhead.py). torch.compile traces the op without a graph break.
+@triton_op("hf_fused::rmsnorm_qkv", mutates_args=())
+def _rmsnorm_qkv_op(
     x: Tensor, norm_weight: Tensor, qkv_weight: Tensor, bias: Tensor | None, eps: float, gemma: bool
 ) -> Tensor:
     norm_style = "gemma" if gemma else "llama"
@@ -271,12 +275,6 @@ def _rmsnorm_qkv_impl(
     K = x.shape[-1]
     y = rmsnorm_qkv_2d(x.reshape(-1, K), norm_weight, qkv_weight, bias, eps, gemma)
     return y.view(*x.shape[:-1], qkv_weight.shape[0])
-
-
-# Eager calls go through the registered op too: it launches the kernels directly, while the
-# bare body's wrap_triton launch would take the tracing path, 3x the host time per call
-# (benchmarks/host_overhead.py). torch.compile traces the op without a graph break.
-triton_op("hf_fused::rmsnorm_qkv", mutates_args=())(_rmsnorm_qkv_impl)
 
 
 def _check_inputs(x: Tensor, norm_weight: Tensor, qkv_weight: Tensor, bias: Tensor | None, norm_style: str) -> None:
