@@ -8,8 +8,9 @@ profiles the last decode steps of a second run with torch.profiler. The kernels 
 split into decoder layers at the first kernel that runs once per layer; each position of a layer
 is averaged over layers.
 
-Each projection's cuBLAS kernel is named from the layer's projection order (the fused ones
-removed), and each named kernel gets a floor: the bytes it must read (weights, or the whole
+Each projection's cuBLAS kernel is named from the layer's projection order (the fused and
+streamed ones removed), as is each streaming_linear kernel from the streamed projections' order,
+and each named kernel gets a floor: the bytes it must read (weights, or the whole
 static K/V cache for attention) over the copy bandwidth measured in the same run. The table
 ends with the step's total, its kernels' sum, and the gap between them (launch and idle time).
 """
@@ -35,7 +36,8 @@ from hf_fused import generation  # noqa: E402
 from hf_fused.models import SHAPES, build_random_model, weight_bytes  # noqa: E402
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-FUSED_AWAY = {"qkv": ("q_proj", "k_proj", "v_proj"), "mlp": ("gate_proj", "up_proj")}
+FUSED_AWAY = {"qkv": ("q_proj", "k_proj", "v_proj"), "mlp": ("gate_proj", "up_proj"), "gemv": ("o_proj", "down_proj")}
+STREAMING = "_streaming_linear_kernel"
 CUBLAS = re.compile(r"gemm|gemv|nvjet|cutlass|xmma|sm90_", re.IGNORECASE)
 CUBLAS_REDUCE = re.compile(r"splitkreduce|reduce_kernel", re.IGNORECASE)
 ATTENTION = re.compile(r"flash|fmha|attention|sdpa", re.IGNORECASE)
@@ -97,11 +99,15 @@ def split_layers(kernels: list[str], n_layers: int) -> tuple[list[int], int]:
 
 def label_layer(names: list[str], fuse: tuple[str, ...]) -> list[str]:
     """A label per kernel of one layer: its projection, attention, a fused op, or other."""
-    projections = [p for p in PROJECTIONS if not any(p in FUSED_AWAY[f] for f in fuse)]
+    streams = [i for i, n in enumerate(names) if n == STREAMING]
+    # streaming_linear runs its kernel for one token only, cuBLAS for more.
+    streamed = list(FUSED_AWAY["gemv"]) if "gemv" in fuse and streams else []
+    projections = [p for p in PROJECTIONS if p not in streamed and not any(p in FUSED_AWAY[f] for f in fuse if f != "gemv")]
     # cuDNN's attention kernels can carry GEMM-like words in their names: attention is matched first.
     mains = [i for i, n in enumerate(names)
              if CUBLAS.search(n) and not CUBLAS_REDUCE.search(n) and not ATTENTION.search(n)]
     named = dict(zip(mains, projections)) if len(mains) == len(projections) else {}
+    named.update(dict(zip(streams, streamed)) if len(streams) == len(streamed) else {})
     labels = []
     for i, name in enumerate(names):
         if i in named:
@@ -138,7 +144,7 @@ def floor_bytes(model, label: str, cache_len: int, batch: int) -> int | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
-    parser.add_argument("--fuse", default="qkv", help="comma list of qkv, mlp; or none for the stock model")
+    parser.add_argument("--fuse", default="qkv", help="comma list of qkv, mlp, gemv; or none for the stock model")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=256, help="sets the static cache length, as compare_tps")

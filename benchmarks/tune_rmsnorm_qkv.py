@@ -3,9 +3,11 @@
 
     python benchmarks/tune_rmsnorm_qkv.py --out out/tune.json
     python benchmarks/tune_rmsnorm_qkv.py --op gate_up --ms 1,16 --out out/tune_gate_up.json
+    python benchmarks/tune_rmsnorm_qkv.py --op linear --ms 1 --out out/tune_linear.json
 
 The gate_up op has only the decode kernel (its prefill is the Triton norm and cuBLAS); its
 rows per program count output columns, each streaming one row of W_gate and one of W_up.
+The streaming linear op has only its one-token kernel (stream_config).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_rmsnorm_gate_up  # noqa: E402
 import bench_rmsnorm_qkv  # noqa: E402
+import bench_streaming_linear  # noqa: E402
 from timing import copies_for, environment, time_graph  # noqa: E402
 
 from hf_fused.ops.rmsnorm_qkv import (  # noqa: E402
@@ -59,14 +62,27 @@ def gate_up_launchers(M: int, N: int, K: int):
     return default, launch
 
 
+def linear_launchers(N: int, K: int):
+    """The streaming linear op's heuristic, its candidates and launcher, in the QKV launchers' call shape."""
+    op = importlib.import_module("hf_fused.ops.streaming_linear")
+    grid = itertools.product([256, 512, 1024], [4, 8], [4, 8, 16, 32, None])
+    candidates = [op.StreamConfig(bk, w, r) for bk, w, r in grid]
+
+    def launch(x, norm_weight, weight, bias, y, eps, gemma, config):
+        op.launch_stream(x, weight, bias, y, config)
+
+    return op.stream_config(N, K), candidates, launch
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--op", choices=["qkv", "gate_up"], default="qkv")
+    parser.add_argument("--op", choices=["qkv", "gate_up", "linear"], default="qkv")
     parser.add_argument("--ms", default="1,16,256,2048,16384")
     parser.add_argument("--shapes", default=None, help="comma list; default every shape of the op's benchmark")
     parser.add_argument("--out", default="out/tune_rmsnorm_qkv.json")
     args = parser.parse_args()
-    shapes = bench_rmsnorm_qkv.SHAPES if args.op == "qkv" else bench_rmsnorm_gate_up.SHAPES
+    shapes = {"qkv": bench_rmsnorm_qkv.SHAPES, "gate_up": bench_rmsnorm_gate_up.SHAPES,
+              "linear": bench_streaming_linear.SHAPES}[args.op]
     dtype = torch.bfloat16
     results = []
     for name in (args.shapes or ",".join(shapes)).split(","):
@@ -78,18 +94,24 @@ def main() -> None:
         norm_weight = torch.rand(K, device="cuda", dtype=dtype) + 0.5
         for M in map(int, args.ms.split(",")):
             decode = M <= DECODE_MAX_M
-            if args.op == "gate_up":
+            if args.op == "linear":
+                if M != 1:
+                    continue
+                default, candidates, launch = linear_launchers(N, K)
+            elif args.op == "gate_up":
                 if not decode:
                     continue
                 default, launch = gate_up_launchers(M, N, K)
             else:
                 default = decode_config(M, N, K) if decode else gemm_config(M, N, K)
                 launch = launch_decode if decode else launch_gemm
+            if args.op != "linear":
+                rows = (16, 64, None) if args.op == "qkv" else (4, 8, 16, 32, None)
+                candidates = candidate_configs(M, K, rows)
             x = torch.randn(M, K, device="cuda", dtype=dtype)
-            y = torch.empty(M, N if args.op == "qkv" else N // 2, device="cuda", dtype=dtype)
+            y = torch.empty(M, N // 2 if args.op == "gate_up" else N, device="cuda", dtype=dtype)
             timings = []
-            rows = (16, 64, None) if args.op == "qkv" else (4, 8, 16, 32, None)
-            for config in [default] + candidate_configs(M, K, rows):
+            for config in [default] + candidates:
                 calls = [(lambda w=w, c=config, x=x, y=y: launch(x, norm_weight, w, None, y, 1e-5, False, c)) for w in weights]
                 try:
                     us = time_graph(calls, replays=5)

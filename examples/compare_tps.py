@@ -68,7 +68,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--new-tokens", type=int, default=None, help="default 256 on CUDA, 16 on CPU")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per cell; the median is reported")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--fuse", default="qkv", help="comma list of the fusions patch_model applies: qkv, mlp")
+    parser.add_argument("--fuse", default="qkv", help="comma list of the fusions patch_model applies: qkv, mlp, gemv")
     parser.add_argument("--out", default="out/compare_tps", help="folder for the JSON and PNG")
     args = parser.parse_args(argv)
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]

@@ -14,7 +14,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from hf_fused.models import DEFAULT_MODEL, SHAPES, load_model
-from hf_fused.patches.fused import FusedRMSNormGateUp, FusedRMSNormQKV
+from hf_fused.patches.fused import FusedNorm, StreamingLinear
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -72,9 +72,9 @@ def kernel_path(device: torch.device) -> str:
 
 
 def patched_layers(model: nn.Module) -> int:
-    """How many decoder layers hf_fused.patch_model fused."""
-    # Each fusion puts one module in every layer it fuses; MoE layers may take QKV only.
-    return max(sum(isinstance(m, cls) for m in model.modules()) for cls in (FusedRMSNormQKV, FusedRMSNormGateUp))
+    """How many decoder layers hf_fused.patch_model changed, by any of its fusions."""
+    layers = [m for m in model.modules() if hasattr(m, "self_attn") and hasattr(m, "input_layernorm")]
+    return sum(any(isinstance(m, (FusedNorm, StreamingLinear)) for m in layer.modules()) for layer in layers)
 
 
 def environment(device: torch.device) -> dict[str, str]:

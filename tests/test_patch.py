@@ -1,6 +1,7 @@
 """patch_model on tiny random models of every supported family, against the stock model."""
 
 import copy
+import importlib
 import logging
 
 import pytest
@@ -10,7 +11,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import hf_fused
 from hf_fused.patches import SPECS, FamilySpec
-from hf_fused.patches.fused import FusedRMSNormGateUp, FusedRMSNormQKV
+from hf_fused.patches.fused import FusedRMSNormGateUp, FusedRMSNormQKV, StreamingLinear
 
 BASE = dict(
     hidden_size=64,
@@ -49,7 +50,8 @@ FAMILIES = sorted(SPECS)
 EAGER_ONLY = {"gemma2"}  # transformers has no sdpa path with its logit softcapping
 LOW_PRECISION_ATOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
 MLP = ("qkv", "mlp")
-FUSES = [("qkv",), MLP]
+ALL = ("qkv", "mlp", "gemv")
+FUSES = [("qkv",), MLP, ALL]
 # Their MLPs are mixtures of experts: patch_model(fuse=MLP) leaves them as they are, so the
 # slow end-to-end tests run them with the QKV fusion only.
 MOE = {"mixtral", "qwen2_moe", "qwen3_moe", "granitemoe"}
@@ -111,7 +113,7 @@ def assert_same_snapshot(a: tuple, b: tuple) -> None:
 @pytest.mark.parametrize(
     "family, attn, fuse",
     [(f, a, ("qkv",)) for f in FAMILIES for a in ("eager", "sdpa") if a == "eager" or f not in EAGER_ONLY]
-    + [(f, "eager" if f in EAGER_ONLY else "sdpa", MLP) for f in FAMILIES if f not in MOE],
+    + [(f, "eager" if f in EAGER_ONLY else "sdpa", fuse) for f in FAMILIES if f not in MOE for fuse in (MLP, ALL)],
     ids=param_id,
 )
 def test_logits_match(family, attn, fuse):
@@ -132,7 +134,7 @@ def test_logits_match(family, attn, fuse):
 
 
 @pytest.mark.parametrize(
-    "family, fuse", [(f, fuse) for f in FAMILIES for fuse in FUSES if f not in MOE or fuse != MLP], ids=param_id
+    "family, fuse", [(f, fuse) for f in FAMILIES for fuse in FUSES if f not in MOE or "mlp" not in fuse], ids=param_id
 )
 def test_greedy_generate_matches(family, fuse):
     stock = build(family)
@@ -234,7 +236,7 @@ def test_mlp_fusion_takes_the_mlp_norm_and_skips_moe_layers(family, caplog):
     n_fused = sum(isinstance(m, FusedRMSNormGateUp) for m in model.modules())
     warnings = [r.getMessage() for r in caplog.records]
     if family in MOE:
-        assert n_fused == 0 and len(warnings) == 1 and "MLP left unfused in 2 of 2" in warnings[0]
+        assert n_fused == 0 and len(warnings) == 1 and "left as it is in 2 of 2" in warnings[0]
         with pytest.raises(hf_fused.UnsupportedModelError, match="nothing to fuse"):
             hf_fused.patch_model(build(family), fuse=("mlp",))
     else:
@@ -290,6 +292,67 @@ def test_mlp_it_cannot_fuse_exactly_stays_stock(mutate, reason, n_fused, caplog)
     with caplog.at_level(logging.WARNING, logger="hf_fused"):
         hf_fused.patch_model(model, fuse=MLP)
     assert sum(isinstance(m, FusedRMSNormGateUp) for m in model.modules()) == n_fused
+    assert [reason in r.getMessage() for r in caplog.records] == [True]
+    ids, mask = prompt()
+    torch.testing.assert_close(logits(model, ids, mask), logits(stock, ids, mask), rtol=1e-5, atol=1e-5)
+
+
+def test_gemv_alone_swaps_in_the_same_parameters():
+    stock = build("llama")
+    model = copy.deepcopy(stock)
+    attn = model.model.layers[0].self_attn
+    o_proj, weight = attn.o_proj, attn.o_proj.weight
+    hf_fused.patch_model(model, fuse=("gemv",))
+    assert isinstance(attn.o_proj, StreamingLinear) and attn.o_proj.weight is weight
+    assert sum(isinstance(m, StreamingLinear) for m in model.modules()) == 2 * BASE["num_hidden_layers"]
+    # Nothing else changed: no instance forwards, no fused norms.
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    assert list(model.state_dict()) == list(stock.state_dict())
+    ids, mask = prompt()
+    torch.testing.assert_close(logits(model, ids, mask), logits(stock, ids, mask), rtol=1e-5, atol=1e-5)
+    hf_fused.unpatch_model(model)
+    assert attn.o_proj is o_proj and o_proj.weight is weight
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "phi3", "gemma"])
+def test_one_sequence_decode_streams_through_the_kernel(family, monkeypatch):
+    """Batch-1 decode is where o_proj and down_proj take the streaming kernel: generate matches."""
+    op_module = importlib.import_module("hf_fused.ops.streaming_linear")
+    launch = op_module.launch_stream
+    launched = []
+    monkeypatch.setattr(op_module, "launch_stream", lambda *args, **kw: launched.append(1) or launch(*args, **kw))
+    stock = build(family)
+    model = hf_fused.patch_model(copy.deepcopy(stock), fuse=ALL)
+    ids = prompt(batch=1, pad=0)[0]
+    kwargs = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    for extra in ({}, {"cache_implementation": "static"}):
+        with torch.no_grad():
+            assert torch.equal(model.generate(ids, **kwargs, **extra), stock.generate(ids, **kwargs, **extra)), extra
+    # Five one-token steps a generate, two projections a layer; none in the prompt's forward.
+    assert len(launched) == (2 * 5 * 2 * BASE["num_hidden_layers"] if op_module.runs_triton(ids.float()) else 0)
+
+
+def _hooked_o_proj(model):
+    model.model.layers[0].self_attn.o_proj.register_forward_hook(lambda *args: None)
+
+
+def _quantized_down(model):
+    model.model.layers[1].mlp.down_proj = _quantized(model.model.layers[1].mlp.down_proj)
+
+
+@pytest.mark.parametrize("family, mutate, reason, n_streamed", [
+    ("llama", _hooked_o_proj, "self_attn.o_proj has hooks", 3),
+    ("llama", _quantized_down, "mlp.down_proj is QuantLinear", 3),
+    ("mixtral", None, "mlp.down_proj is missing", 2),
+], ids=["hooked", "quantized", "moe"])
+def test_gemv_leaves_what_it_cannot_stream(family, mutate, reason, n_streamed, caplog):
+    stock = build(family)
+    if mutate:
+        mutate(stock)
+    model = copy.deepcopy(stock)
+    with caplog.at_level(logging.WARNING, logger="hf_fused"):
+        hf_fused.patch_model(model, fuse=("gemv",))
+    assert sum(isinstance(m, StreamingLinear) for m in model.modules()) == n_streamed
     assert [reason in r.getMessage() for r in caplog.records] == [True]
     ids, mask = prompt()
     torch.testing.assert_close(logits(model, ids, mask), logits(stock, ids, mask), rtol=1e-5, atol=1e-5)

@@ -32,23 +32,28 @@ def rmsnorm_ref(x: Tensor, norm_weight: Tensor, *, eps: float, norm_style: str) 
     return norm_weight * normed.to(dtype)
 
 
-def check_inputs(x: Tensor, norm_weight: Tensor, norm_style: str, **weights: Tensor | None) -> None:
-    """The checks every op makes: norm style, x's hidden size, the norm weight, one dtype and one
+def check_operands(x: Tensor, **tensors: Tensor | None) -> None:
+    """What every op checks of its operands: x's hidden size and dtype, then one dtype and one
     device for all. Each op checks its own weights' shapes after this."""
-    if norm_style not in NORM_STYLES:
-        raise ValueError(f"norm_style must be one of {NORM_STYLES}, got {norm_style!r}")
     if x.dim() < 1 or x.shape[-1] == 0:
         raise ValueError(f"x must have a non-empty last (hidden) dimension K, got shape {tuple(x.shape)}")
-    K = x.shape[-1]
-    if norm_weight.shape != (K,):
-        raise ValueError(f"norm_weight must have shape ({K},) to match x's hidden size, got {tuple(norm_weight.shape)}")
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"x must be float16, bfloat16 or float32, got {x.dtype}")
-    for name, t in {"norm_weight": norm_weight, **weights}.items():
+    for name, t in tensors.items():
         if t is not None and t.dtype != x.dtype:
             raise ValueError(f"{name} has dtype {t.dtype} but x has {x.dtype}; all inputs must share one dtype")
         if t is not None and t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}; all inputs must be on one device")
+
+
+def check_inputs(x: Tensor, norm_weight: Tensor, norm_style: str, **weights: Tensor | None) -> None:
+    """check_operands, and the norm's own checks: its style and its weight's shape."""
+    if norm_style not in NORM_STYLES:
+        raise ValueError(f"norm_style must be one of {NORM_STYLES}, got {norm_style!r}")
+    check_operands(x, norm_weight=norm_weight, **weights)
+    K = x.shape[-1]
+    if norm_weight.shape != (K,):
+        raise ValueError(f"norm_weight must have shape ({K},) to match x's hidden size, got {tuple(norm_weight.shape)}")
 
 
 @functools.cache

@@ -6,6 +6,9 @@ q/k norms, sliding windows, softcap, scaling and the cache update are never rewr
 
 MLP: a gated MLP's forward becomes down_proj(rmsnorm_gate_up(x)); down_proj stays its own.
 
+o_proj and down_proj, which no norm feeds, become StreamingLinear modules holding the very same
+Parameters: streaming_linear instead of F.linear, nothing else changed.
+
 Separate projections are stacked by rows into one weight owned by the fused module (stack_into);
 the originals keep no storage until unstack points them at rows of it again. Under tensor
 parallelism each rank stacks its own row shards; the DTensors come back on unstack and in the
@@ -22,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, Shard
 
-from hf_fused.ops import rmsnorm_gate_up, rmsnorm_qkv
+from hf_fused.ops import rmsnorm_gate_up, rmsnorm_qkv, streaming_linear
 
 
 def norm_eps(norm: nn.Module) -> float | None:
@@ -117,6 +120,32 @@ class FusedAway(nn.Module):
 
     def extra_repr(self) -> str:
         return f"gate_up_fused.weight[{self.start}:{self.stop}]"
+
+
+class StreamingLinear(nn.Module):
+    """Stands in for a plain nn.Linear that no norm feeds (o_proj, down_proj): the same weight
+    and bias Parameters under the same names, so no byte is copied and the state_dict keeps its
+    keys, computed by streaming_linear. The original module is held for unpatching."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.__dict__["original"] = linear
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.register_parameter("bias", linear.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return streaming_linear(x, self.weight, self.bias)
+
+    def restored(self) -> nn.Linear:
+        """The original module, holding this one's Parameters (a load with assign=True may have replaced them)."""
+        linear = self.original
+        linear.weight = self.weight
+        linear.register_parameter("bias", self.bias)
+        return linear.train(self.training)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
 # Instance forwards are bound with functools.partial, not MethodType: a partial of a module-level

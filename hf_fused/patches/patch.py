@@ -24,6 +24,7 @@ from hf_fused.patches.fused import (
     FusedRMSNormGateUp,
     FusedRMSNormQKV,
     QKVSlice,
+    StreamingLinear,
     fused_attention_forward,
     fused_mlp_forward,
     identity_forward,
@@ -70,6 +71,11 @@ KINDS = {
     "mlp": _Kind("mlp", "gate_up_fused", ("gate_proj", "up_proj"), "gate_up_proj", FusedRMSNormGateUp,
                  bias=False, forward=fused_mlp_forward, passthrough=False, placeholder=FusedAway),
 }
+
+
+# fuse="gemv": the projections that no norm feeds, as (the layer's child, its projection).
+STREAMED = (("self_attn", "o_proj"), ("mlp", "down_proj"))
+FUSIONS = (*KINDS, "gemv")
 
 
 @dataclass
@@ -137,19 +143,52 @@ def _fusion(layer: nn.Module, kind: str, spec: FamilySpec) -> _Fusion | str:
     return _Fusion(kind, parent, norm, projs)
 
 
-def _plan(model: nn.Module, fuse: tuple[str, ...]) -> tuple[str, FamilySpec, list[_Fusion]]:
+def _streamed_problem(proj: nn.Module | None) -> str | None:
+    """Why this projection can't run streaming_linear in place of nn.Linear, or None if it can."""
+    if proj is None:
+        return "is missing (a mixture of experts' projections are not streamed)"
+    if type(proj) is not nn.Linear:
+        return f"is {type(proj).__name__}, not a plain nn.Linear"
+    if proj.weight.is_meta:
+        return "has weights on the meta device (offloaded or not loaded yet)"
+    if isinstance(proj.weight, DTensor):
+        # Row-sharded o_proj/down_proj need the all-reduce that tensor parallelism hooks onto them.
+        return "is tensor-parallel (DTensor)"
+    if "forward" in proj.__dict__ or proj._forward_hooks or proj._forward_pre_hooks:
+        return "has hooks or an instance forward that a new module would drop"
+    return None
+
+
+def _streamed(layer: nn.Module, skipped: dict[str, int]) -> list[tuple[nn.Module, str]]:
+    """(parent, name) of each of this layer's projections that StreamingLinear can take; the
+    others are counted in ``skipped`` by reason."""
+    found = []
+    for child, name in STREAMED:
+        parent = getattr(layer, child, None)
+        problem = _streamed_problem(getattr(parent, name, None))
+        if problem is None:
+            found.append((parent, name))
+        else:
+            reason = f"{child}.{name} {problem}"
+            skipped[reason] = skipped.get(reason, 0) + 1
+    return found
+
+
+def _plan(model: nn.Module, fuse: tuple[str, ...]) -> tuple[str, FamilySpec, list[_Fusion], list[tuple[nn.Module, str]]]:
     """Find and check every decoder layer before anything is touched.
 
     A layer that can't take the QKV fusion is an error; an MLP that can't (MoE experts, biases,
-    another activation) stays as it is, logged once per reason.
+    another activation), or a projection that can't stream, stays as it is, logged once per reason.
     """
     model_type, spec = _family(model)
-    fusions, skipped, seen, n_layers = [], {}, set(), 0
+    fusions, streamed, skipped, seen, n_layers = [], [], {}, set(), 0
     for where, layer in model.named_modules():
         if getattr(layer, "self_attn", None) is None or getattr(layer, "input_layernorm", None) is None:
             continue
         n_layers += 1
-        for kind in fuse:
+        if "gemv" in fuse:
+            streamed += _streamed(layer, skipped)
+        for kind in (k for k in fuse if k in KINDS):
             fusion = _fusion(layer, kind, spec)
             if isinstance(fusion, str) and kind == "qkv":
                 raise UnsupportedModelError(f"{where}: {fusion}")
@@ -174,15 +213,15 @@ def _plan(model: nn.Module, fuse: tuple[str, ...]) -> tuple[str, FamilySpec, lis
                 skipped[reason] = skipped.get(reason, 0) + 1
     fusions = [f for f in fusions if f.kind == "qkv" or f.activation is not None]
     for reason, count in skipped.items():
-        logger.warning("hf_fused: MLP left unfused in %d of %d %s layers: %s", count, n_layers, model_type, reason)
-    if not fusions:
+        logger.warning("hf_fused: left as it is in %d of %d %s layers: %s", count, n_layers, model_type, reason)
+    if not fusions and not streamed:
         raise UnsupportedModelError(f"nothing to fuse in this {model_type} model: {'; '.join(skipped)}")
     for norm in {type(f.norm): f.norm for f in fusions}.values():
         if not _computes_norm_style(norm, spec.norm_style):
             raise UnsupportedModelError(
                 f"{type(norm).__name__} in this {model_type} model does not compute a {spec.norm_style}-style RMSNorm"
             )
-    return model_type, spec, fusions
+    return model_type, spec, fusions, streamed
 
 
 def _probe(weight: Tensor) -> Tensor:
@@ -265,18 +304,21 @@ def _unapply(parent: nn.Module, attr: str) -> None:
 
 
 def _check_fuse(fuse) -> tuple[str, ...]:
-    if not isinstance(fuse, (tuple, list, set, frozenset)) or not fuse or not set(fuse) <= set(KINDS):
-        raise ValueError(f"fuse must be a non-empty tuple drawn from {tuple(KINDS)}, got {fuse!r}")
-    return tuple(kind for kind in KINDS if kind in fuse)
+    if not isinstance(fuse, (tuple, list, set, frozenset)) or not fuse or not set(fuse) <= set(FUSIONS):
+        raise ValueError(f"fuse must be a non-empty tuple drawn from {FUSIONS}, got {fuse!r}")
+    return tuple(kind for kind in FUSIONS if kind in fuse)
+
+
+_PATCH_MODULES = (FusedNorm, StreamingLinear)
 
 
 def _patched_with(model: nn.Module) -> tuple[str, ...]:
-    return next(m.fuse for m in model.modules() if isinstance(m, FusedNorm))
+    return next(m.fuse for m in model.modules() if isinstance(m, _PATCH_MODULES))
 
 
 def is_patched(model: nn.Module) -> bool:
     """Whether patch_model has put fused modules into ``model``."""
-    return isinstance(model, nn.Module) and any(isinstance(m, FusedNorm) for m in model.modules())
+    return isinstance(model, nn.Module) and any(isinstance(m, _PATCH_MODULES) for m in model.modules())
 
 
 def patch_model(model: nn.Module, *, verify: bool = False, fuse: tuple[str, ...] = ("qkv",)) -> nn.Module:
@@ -285,8 +327,12 @@ def patch_model(model: nn.Module, *, verify: bool = False, fuse: tuple[str, ...]
     ``fuse`` picks the fusions, any of:
       - "qkv": the input RMSNorm and the q/k/v projections become one rmsnorm_qkv call.
       - "mlp": the MLP's input RMSNorm, gate and up projections and act(gate) * up become one
-        rmsnorm_gate_up call; down_proj stays the family's own. MLPs that are not gated dense
-        ones of plain nn.Linear (MoE blocks, biases, other activations) are left as they are, logged.
+        rmsnorm_gate_up call. MLPs that are not gated dense ones of plain nn.Linear (MoE blocks,
+        biases, other activations) are left as they are, logged.
+      - "gemv": each attention's o_proj and dense MLP's down_proj become a StreamingLinear with
+        the same Parameters: hf_fused.ops.streaming_linear, a weight-streaming GEMV at one token,
+        cuBLAS for more. Projections that are not plain nn.Linear, tensor-parallel or hooked
+        stay as they are, logged.
     The default is the fusion measured to help on a GPU. "mlp" is verified on CPU only and not
     yet measured on a GPU, so it is opt-in: ``fuse=("qkv", "mlp")``.
 
@@ -300,14 +346,19 @@ def patch_model(model: nn.Module, *, verify: bool = False, fuse: tuple[str, ...]
         if _patched_with(model) != fuse:
             raise ValueError(f"model is patched with fuse={_patched_with(model)}; unpatch_model it before fuse={fuse}")
         return model
-    model_type, spec, fusions = _plan(model, fuse)
+    model_type, spec, fusions, streamed = _plan(model, fuse)
     try:
         for fusion in fusions:
             _apply(fusion, spec, fuse)
+        for parent, name in streamed:
+            module = StreamingLinear(getattr(parent, name)).train(parent.training)
+            module.fuse = fuse
+            setattr(parent, name, module)
     except BaseException:
         unpatch_model(model)
         raise
-    counts = ", ".join(f"{kind} in {sum(f.kind == kind for f in fusions)} layers" for kind in fuse)
+    counts = [f"{kind} in {sum(f.kind == kind for f in fusions)} layers" for kind in KINDS if kind in fuse]
+    counts = ", ".join(counts + ([f"gemv in {len(streamed)} projections"] if "gemv" in fuse else []))
     logger.info("hf_fused: fused %s of a %s model", counts, model_type)
     if verify:
         report = verify_patch(model, _probe_ids(model))
@@ -322,8 +373,11 @@ def unpatch_model(model: nn.Module) -> nn.Module:
     found = [(m, k.attr) for m in model.modules() for k in KINDS.values() if isinstance(m._modules.get(k.attr), FusedNorm)]
     for parent, attr in found:
         _unapply(parent, attr)
-    if found:
-        logger.info("hf_fused: unpatched %d fused modules", len(found))
+    streamed = [(m, name) for m in model.modules() for name, child in m._modules.items() if isinstance(child, StreamingLinear)]
+    for parent, name in streamed:
+        setattr(parent, name, getattr(parent, name).restored())
+    if found or streamed:
+        logger.info("hf_fused: unpatched %d fused modules", len(found) + len(streamed))
     return model
 
 

@@ -1,0 +1,137 @@
+"""A linear layer for one token at a time: y = x @ W.T + b as one weight-streaming Triton kernel.
+
+This is for the projections that no norm feeds (o_proj, down_proj). At one token a linear layer
+is a matrix-vector product whose whole cost is reading W once; cuBLAS runs it as split-K plus a
+separate reduce kernel. Here every program streams its own rows of W over all of K, the next
+weight tile in flight while it multiplies the current one (as rmsnorm_qkv's one-token kernel),
+so one kernel writes y directly.
+
+Paths, chosen by M (tokens):
+- M == 1: the streaming kernel, fp32 accumulation on CUDA cores, one rounding at the end.
+- otherwise: F.linear (cuBLAS). From a few tokens on, cuBLAS's tensor-core GEMV matches the
+  streaming kernels measured so far (docs/bench_rmsnorm_qkv.md, M=16), and with no norm to fuse
+  there is nothing else to gain.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch.library import triton_op, wrap_triton
+
+from hf_fused.ops._common import (
+    _decode_split,
+    _round_to,
+    _weight_tile,
+    check_operands,
+    on_device_of,
+    runs_triton,
+    triton_interpreter_enabled,
+)
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """Launch parameters of the streaming kernel. Each program streams rows_per_program rows of
+    W; None shares the rows equally among the SMs."""
+
+    BLOCK_K: int
+    num_warps: int
+    rows_per_program: int | None
+
+
+def stream_config(N: int, K: int) -> StreamConfig:
+    """Heuristic read off benchmarks/tune_rmsnorm_qkv.py --op linear on an H100."""
+    return StreamConfig(BLOCK_K=512, num_warps=4, rows_per_program=16 if N * K >= 4096 * 4096 else 8)
+
+
+@triton.jit
+def _streaming_linear_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr,
+    N, K, rows_per_program,
+    stride_xk, stride_wn, stride_wk,
+    HAS_BIAS: tl.constexpr, INTERPRETED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # Each program owns rows_per_program rows of W (BLOCK_N is that rounded up; masked rows cost
+    # no traffic) and multiplies into a (BLOCK_N, BLOCK_K) accumulator, reduced across K once at
+    # the end. Triton pipelines only loads that feed tl.dot, so the weight stream is
+    # double-buffered by hand: the next tile is in flight while this one is multiplied.
+    pid = tl.program_id(0)
+    rows = tl.arange(0, BLOCK_N)
+    offs_n = pid * rows_per_program + rows
+    n_mask = (rows < rows_per_program) & (offs_n < N)
+    w_ptrs = w_ptr + offs_n[:, None] * stride_wn
+    w_next = _weight_tile(w_ptrs, 0, n_mask, K, stride_wk, BLOCK_K)
+    acc_k = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        w = w_next
+        w_next = _weight_tile(w_ptrs, k0 + BLOCK_K, n_mask, K, stride_wk, BLOCK_K)
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + offs_k * stride_xk, mask=offs_k < K, other=0.0)
+        acc_k += w.to(tl.float32) * x.to(tl.float32)[None, :]
+    acc = tl.sum(acc_k, axis=1)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offs_n, _round_to(acc, y_ptr.dtype.element_ty, INTERPRETED), mask=n_mask)
+
+
+def launch_stream(x: Tensor, weight: Tensor, bias: Tensor | None, y: Tensor, config: StreamConfig | None = None) -> None:
+    """The streaming kernel: x (K,) or (1, K), weight (N, K), y (N,) contiguous."""
+    N, K = weight.shape
+    config = config or stream_config(N, K)
+    rows_per_program, block_n, grid = _decode_split(N, config.rows_per_program, 1, x.device)
+    wrap_triton(_streaming_linear_kernel)[(grid,)](
+        x, weight, bias if bias is not None else y, y,
+        N, K, rows_per_program,
+        x.stride(-1), weight.stride(0), weight.stride(1),
+        HAS_BIAS=bias is not None, INTERPRETED=triton_interpreter_enabled(),
+        BLOCK_N=block_n, BLOCK_K=config.BLOCK_K, num_warps=config.num_warps,
+    )
+
+
+def streams_weights(M: int) -> bool:
+    """Whether M tokens take the streaming kernel rather than cuBLAS."""
+    return M == 1
+
+
+# Eager calls and torch.compile both go through the registered op, as rmsnorm_qkv's do.
+@triton_op("hf_fused::streaming_linear", mutates_args=())
+def _streaming_linear_op(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    K = x.shape[-1]
+    M = x.numel() // K
+    if not runs_triton(x) or not streams_weights(M):
+        return F.linear(x, weight, bias)
+    y = x.new_empty((*x.shape[:-1], weight.shape[0]))
+    launch_stream(x.reshape(K), weight, bias, y)
+    return y
+
+
+def _check_inputs(x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
+    check_operands(x, weight=weight, bias=bias)
+    K = x.shape[-1]
+    if weight.dim() != 2 or weight.shape[1] != K:
+        raise ValueError(f"weight must have shape (N, {K}) to match x's last dimension, got {tuple(weight.shape)}")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"bias must have shape ({weight.shape[0]},) to match weight, got {tuple(bias.shape)}")
+
+
+def streaming_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``F.linear(x, weight, bias)``, with one token streamed through a Triton kernel.
+
+    Args:
+        x: (..., K) activations; any leading dims and strides.
+        weight: (N, K), as nn.Linear's.
+        bias: (N,) or None.
+
+    Returns:
+        (..., N) in x's dtype. One token on CUDA runs the streaming kernel, more tokens cuBLAS;
+        CPU tensors run F.linear, or the kernel in Triton's interpreter when TRITON_INTERPRET=1.
+    """
+    _check_inputs(x, weight, bias)
+    with on_device_of(x):
+        return torch.ops.hf_fused.streaming_linear(x, weight, bias)
