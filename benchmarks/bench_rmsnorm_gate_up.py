@@ -3,7 +3,7 @@
     python benchmarks/bench_rmsnorm_gate_up.py --out out/
 
 For each shape (K -> I, the weight [Wg; Wu] being (2I, K)) and token count M, in bf16, it times:
-  fused       hf_fused.ops.rmsnorm_gate_up, SiLU (for M > 64: Triton norm, cuBLAS, then silu * up in PyTorch)
+  fused       hf_fused.ops.rmsnorm_gate_up, SiLU (for M > 1: Triton norm, cuBLAS, then silu * up in PyTorch)
   eager       LlamaRMSNorm, then gate and up nn.Linear and silu(gate) * up (what transformers runs
               before down_proj)
   compiled2   torch.compile of eager

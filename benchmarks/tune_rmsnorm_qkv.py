@@ -5,7 +5,7 @@
     python benchmarks/tune_rmsnorm_qkv.py --op gate_up --ms 1,16 --out out/tune_gate_up.json
     python benchmarks/tune_rmsnorm_qkv.py --op linear --ms 1 --out out/tune_linear.json
 
-The gate_up op has only the decode kernel (its prefill is the Triton norm and cuBLAS); its
+The gate_up op has only its one-token kernel (more tokens take the Triton norm and cuBLAS); its
 rows per program count output columns, each streaming one row of W_gate and one of W_up.
 The streaming linear op has only its one-token kernel (stream_config).
 """
@@ -99,7 +99,7 @@ def main() -> None:
                     continue
                 default, candidates, launch = linear_launchers(N, K)
             elif args.op == "gate_up":
-                if not decode:
+                if M != 1:
                     continue
                 default, launch = gate_up_launchers(M, N, K)
             else:
@@ -107,7 +107,8 @@ def main() -> None:
                 launch = launch_decode if decode else launch_gemm
             if args.op != "linear":
                 rows = (16, 64, None) if args.op == "qkv" else (4, 8, 16, 32, None)
-                candidates = candidate_configs(M, K, rows)
+                # The gate_up kernel multiplies on CUDA cores only: one token, BLOCK_M 1.
+                candidates = [c for c in candidate_configs(M, K, rows) if args.op == "qkv" or c.BLOCK_M == 1]
             x = torch.randn(M, K, device="cuda", dtype=dtype)
             y = torch.empty(M, N // 2 if args.op == "gate_up" else N, device="cuda", dtype=dtype)
             timings = []

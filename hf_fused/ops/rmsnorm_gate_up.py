@@ -12,10 +12,13 @@ For x of shape (M, K), a norm weight w of shape (K,) and W = [Wg; Wu] of shape (
 y (M, I) is what LlamaMLP, GemmaMLP and their kin hand to down_proj.
 
 Paths, chosen by M:
-- decode (M <= DECODE_MAX_M; in fp32 one token only, see streams_weights): weight streaming,
-  as rmsnorm_qkv's decode kernel. Each program streams the same rows of Wg and of Wu, so
-  act(g) * u is formed in registers and neither g nor u reaches memory.
-- prefill: a Triton norm pass, cuBLAS on the concatenated [Wg; Wu], the activation in PyTorch.
+- one token: weight streaming, as rmsnorm_qkv's one-token kernel. Each program streams the
+  same rows of Wg and of Wu, so act(g) * u is formed in registers and neither g nor u reaches
+  memory.
+- more tokens: a Triton norm pass, cuBLAS on the concatenated [Wg; Wu], the activation in
+  PyTorch. On an H100 a tl.dot streaming kernel lost to this from 4 tokens on: at 16 tokens on
+  the Llama-3-8B shape it took 103 µs against 90 µs for the compiled norm + GEMM + activation
+  (docs/bench_rmsnorm_gate_up.md), and a batch-4 decode ran 5% slower with it.
 
 Launch parameters are rmsnorm_qkv's heuristic for the same weight bytes; on an H100 the
 Llama-3-8B shape at M=1 runs at 90% of its bytes floor (docs/bench_rmsnorm_gate_up.md).
@@ -35,7 +38,6 @@ from torch.library import triton_op, wrap_triton
 
 from hf_fused.ops._common import (
     _decode_split,
-    _dot,
     _kernel_flags,
     _normalized_tile,
     _round_to,
@@ -47,7 +49,7 @@ from hf_fused.ops._common import (
     rmsnorm_ref,
     runs_triton,
 )
-from hf_fused.ops.rmsnorm_qkv import DecodeConfig, decode_config, streams_weights
+from hf_fused.ops.rmsnorm_qkv import DecodeConfig, decode_config
 
 # transformers' ACT2FN["silu"] and ACT2FN["gelu_pytorch_tanh"] call exactly these.
 ACTIVATIONS = {"silu": F.silu, "gelu_tanh": functools.partial(F.gelu, approximate="tanh")}
@@ -97,12 +99,14 @@ def _rmsnorm_gate_up_decode_kernel(
     x_ptr, norm_w_ptr, w_ptr, y_ptr,
     M, I, K, rows_per_program,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
-    eps,
-    GEMMA: tl.constexpr, GELU: tl.constexpr, INTERPRETED: tl.constexpr, IEEE: tl.constexpr,
+    eps: tl.constexpr,
+    GEMMA: tl.constexpr, GELU: tl.constexpr, INTERPRETED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NORM_BLOCK_K: tl.constexpr,
 ):
-    # rmsnorm_qkv's decode kernel with two accumulators: acc[n, m] for output column n takes row
-    # n of Wg and row I + n of Wu, so one program holds both halves of its outputs' inputs.
+    # rmsnorm_qkv's one-token kernel with two accumulators: output column n takes row n of Wg
+    # and row I + n of Wu, so one program holds both halves of its outputs' inputs. CUDA-core
+    # multiply-adds, reduced across K once after the streaming loop, with the weight stream
+    # double-buffered by hand. BLOCK_M is 1 (the launcher's config), the helpers take it as a tile.
     pid = tl.program_id(0)
     offs_m = tl.arange(0, BLOCK_M)
     rows = tl.arange(0, BLOCK_N)
@@ -110,35 +114,22 @@ def _rmsnorm_gate_up_decode_kernel(
     n_mask = (rows < rows_per_program) & (offs_n < I)
     wg_ptrs = w_ptr + offs_n[:, None] * stride_wn
     wu_ptrs = wg_ptrs + I * stride_wn
-    if BLOCK_M == 1:
-        # One token: CUDA-core multiply-adds, reduced across K once after the streaming loop,
-        # with the weight stream double-buffered by hand as in rmsnorm_qkv's decode kernel.
-        wg_next = _weight_tile(wg_ptrs, 0, n_mask, K, stride_wk, BLOCK_K)
-        wu_next = _weight_tile(wu_ptrs, 0, n_mask, K, stride_wk, BLOCK_K)
-        rstd = _row_rstd(x_ptr, offs_m, M, K, stride_xm, stride_xk, eps, BLOCK_M, NORM_BLOCK_K)
-        acc_g = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        acc_u = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            wg, wu = wg_next, wu_next
-            wg_next = _weight_tile(wg_ptrs, k0 + BLOCK_K, n_mask, K, stride_wk, BLOCK_K)
-            wu_next = _weight_tile(wu_ptrs, k0 + BLOCK_K, n_mask, K, stride_wk, BLOCK_K)
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            xn = _normalized_tile(x_ptr, norm_w_ptr, offs_m, offs_k, rstd, M, K, stride_xm, stride_xk, GEMMA, INTERPRETED)
-            xn = xn.to(tl.float32)
-            acc_g += wg.to(tl.float32) * xn
-            acc_u += wu.to(tl.float32) * xn
-        g = tl.sum(acc_g, axis=1)[:, None]
-        u = tl.sum(acc_u, axis=1)[:, None]
-    else:
-        rstd = _row_rstd(x_ptr, offs_m, M, K, stride_xm, stride_xk, eps, BLOCK_M, NORM_BLOCK_K)
-        g = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        u = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            xn = _normalized_tile(x_ptr, norm_w_ptr, offs_m, offs_k, rstd, M, K, stride_xm, stride_xk, GEMMA, INTERPRETED)
-            xn = tl.trans(xn)
-            g = _dot(_weight_tile(wg_ptrs, k0, n_mask, K, stride_wk, BLOCK_K), xn, g, INTERPRETED, IEEE)
-            u = _dot(_weight_tile(wu_ptrs, k0, n_mask, K, stride_wk, BLOCK_K), xn, u, INTERPRETED, IEEE)
+    wg_next = _weight_tile(wg_ptrs, 0, n_mask, K, stride_wk, BLOCK_K)
+    wu_next = _weight_tile(wu_ptrs, 0, n_mask, K, stride_wk, BLOCK_K)
+    rstd = _row_rstd(x_ptr, offs_m, M, K, stride_xm, stride_xk, eps, BLOCK_M, NORM_BLOCK_K)
+    acc_g = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        wg, wu = wg_next, wu_next
+        wg_next = _weight_tile(wg_ptrs, k0 + BLOCK_K, n_mask, K, stride_wk, BLOCK_K)
+        wu_next = _weight_tile(wu_ptrs, k0 + BLOCK_K, n_mask, K, stride_wk, BLOCK_K)
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        xn = _normalized_tile(x_ptr, norm_w_ptr, offs_m, offs_k, rstd, M, K, stride_xm, stride_xk, GEMMA, INTERPRETED)
+        xn = xn.to(tl.float32)
+        acc_g += wg.to(tl.float32) * xn
+        acc_u += wu.to(tl.float32) * xn
+    g = tl.sum(acc_g, axis=1)[:, None]
+    u = tl.sum(acc_u, axis=1)[:, None]
     y = _gated(g, u, y_ptr.dtype.element_ty, GELU, INTERPRETED)
     y_ptrs = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None] * stride_yn
     tl.store(y_ptrs, y, mask=n_mask[:, None] & (offs_m[None, :] < M))
@@ -147,7 +138,7 @@ def _rmsnorm_gate_up_decode_kernel(
 def launch_decode(
     x, norm_weight, gate_up_weight, y, eps: float, gemma: bool, activation: str, config: DecodeConfig | None = None
 ) -> None:
-    """The weight-streaming kernel: x (M, K) with M <= DECODE_MAX_M, gate_up_weight (2I, K), y (M, I)."""
+    """The weight-streaming kernel: x (1, K), gate_up_weight (2I, K), y (1, I)."""
     M, K = x.shape
     I = gate_up_weight.shape[0] // 2
     if config is None:
@@ -162,7 +153,7 @@ def launch_decode(
         M, I, K, rows_per_program,
         x.stride(0), x.stride(1), gate_up_weight.stride(0), gate_up_weight.stride(1), y.stride(0), y.stride(1),
         eps,
-        GELU=activation == "gelu_tanh", BLOCK_N=block_n, **_kernel_flags(x, gemma, config),
+        GELU=activation == "gelu_tanh", BLOCK_N=block_n, **_kernel_flags(gemma, config),
     )
 
 
@@ -172,7 +163,7 @@ def rmsnorm_gate_up_2d(
     """Dispatch by token count: x (M, K) -> (M, I)."""
     M, K = x.shape
     I = gate_up_weight.shape[0] // 2
-    if M == 0 or streams_weights(M, x.dtype):
+    if M <= 1:
         y = x.new_empty((M, I))
         if M > 0:
             launch_decode(x, norm_weight, gate_up_weight, y, eps, gemma, activation)

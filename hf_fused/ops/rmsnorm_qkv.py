@@ -135,7 +135,7 @@ def _rmsnorm_qkv_decode_kernel(
     x_ptr, norm_w_ptr, w_ptr, b_ptr, y_ptr,
     M, N, K, rows_per_program,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
-    eps,
+    eps: tl.constexpr,
     HAS_BIAS: tl.constexpr, GEMMA: tl.constexpr, INTERPRETED: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NORM_BLOCK_K: tl.constexpr,
 ):
@@ -182,7 +182,7 @@ def _rmsnorm_qkv_gemm_kernel(
     x_ptr, norm_w_ptr, w_ptr, b_ptr, y_ptr,
     M, N, K,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
-    eps,
+    eps: tl.constexpr,
     HAS_BIAS: tl.constexpr, GEMMA: tl.constexpr, INTERPRETED: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -225,7 +225,7 @@ def launch_decode(x, norm_weight, qkv_weight, bias, y, eps: float, gemma: bool, 
         M, N, K, rows_per_program,
         x.stride(0), x.stride(1), qkv_weight.stride(0), qkv_weight.stride(1), y.stride(0), y.stride(1),
         eps,
-        HAS_BIAS=bias is not None, BLOCK_N=block_n, **_kernel_flags(x, gemma, config),
+        HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, BLOCK_N=block_n, **_kernel_flags(gemma, config),
     )
 
 
@@ -240,7 +240,7 @@ def launch_gemm(x, norm_weight, qkv_weight, bias, y, eps: float, gemma: bool, co
         M, N, K,
         x.stride(0), x.stride(1), qkv_weight.stride(0), qkv_weight.stride(1), y.stride(0), y.stride(1),
         eps,
-        HAS_BIAS=bias is not None, **_kernel_flags(x, gemma, config),
+        HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, **_kernel_flags(gemma, config),
     )
 
 
