@@ -33,6 +33,7 @@ from timing import environment, measure_copy_bandwidth  # noqa: E402
 
 import hf_fused  # noqa: E402
 from hf_fused import generation  # noqa: E402
+from hf_fused.patches import DEFAULT_FUSE  # noqa: E402
 from hf_fused.models import SHAPES, build_random_model, weight_bytes  # noqa: E402
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -144,7 +145,8 @@ def floor_bytes(model, label: str, cache_len: int, batch: int) -> int | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
-    parser.add_argument("--fuse", default="qkv", help="comma list of qkv, mlp, gemv; or none for the stock model")
+    parser.add_argument("--fuse", default=",".join(DEFAULT_FUSE),
+                        help="comma list of qkv, mlp, gemv (default: all); or none for the stock model")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=256, help="sets the static cache length, as compare_tps")

@@ -54,6 +54,7 @@ from example_utils import (  # noqa: E402
 )
 from hf_fused import generation  # noqa: E402
 from hf_fused.models import weight_bytes  # noqa: E402
+from hf_fused.patches import DEFAULT_FUSE  # noqa: E402
 
 MODES = ("eager", "hf-static", "fast-loop")
 VARIANTS = ("unpatched", "patched")
@@ -68,8 +69,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--new-tokens", type=int, default=None, help="default 256 on CUDA, 16 on CPU")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per cell; the median is reported")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--fuse", default="qkv", help="comma list of the fusions patch_model applies: qkv, mlp, gemv")
+    parser.add_argument("--fuse", default=",".join(DEFAULT_FUSE),
+                        help="comma list of the fusions patch_model applies: qkv, mlp, gemv (default: all)")
     parser.add_argument("--out", default="out/compare_tps", help="folder for the JSON and PNG")
+    parser.add_argument("--table", metavar="JSON", help="print the table of an earlier run's JSON and exit")
     args = parser.parse_args(argv)
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     args.fuse = tuple(f.strip() for f in args.fuse.split(",") if f.strip())
@@ -236,6 +239,10 @@ def progress(total: int, shown: bool = True):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.table:
+        run = json.loads(Path(args.table).read_text())
+        print(markdown_table(run["results"], run["meta"]))
+        return 0
     device, dtype = resolve_device_dtype(args)
     on_cuda = device.type == "cuda"
     batch_sizes = args.batch_sizes or ("1,4,16" if on_cuda else "1")

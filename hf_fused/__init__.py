@@ -1,10 +1,12 @@
-"""hf_fused: a fused RMSNorm+QKV kernel, put into Hugging Face models with one call.
+"""hf_fused: fused RMSNorm+projection Triton kernels, put into Hugging Face models with one call.
 
     import hf_fused
     model = hf_fused.patch_model(model)
 
-``patch_model(model, fuse=("qkv", "mlp"))`` also fuses each MLP's input RMSNorm, gate and up
-projections (hf_fused.ops.rmsnorm_gate_up): tested on CPU only, so not yet the default.
+By default each decoder layer's input RMSNorm and q/k/v projections become one kernel
+(hf_fused.ops.rmsnorm_qkv), the MLP's input RMSNorm, gate and up projections and act(gate) * up
+another (hf_fused.ops.rmsnorm_gate_up), and o_proj and down_proj stream their weights at one
+token (hf_fused.ops.streaming_linear). ``fuse=`` picks a subset.
 """
 
 from hf_fused.patches import (

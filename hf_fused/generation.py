@@ -135,6 +135,10 @@ def generate(
     input_ids = input_ids.to(device)
     batch, prompt_len = input_ids.shape
     compiled = device.type == "cuda" if compile is None else compile
+    if compiled and any(hasattr(m, "_hf_hook") for m in model.modules()):
+        # accelerate wraps its hooks in torch.compiler.disable: a fullgraph compile cannot trace them.
+        raise ValueError("the decode step can't be compiled over accelerate's hooks (a device_map or offloaded "
+                         "model); pass compile=False")
     eos = None if eos_token_id is None else torch.tensor(eos_token_id, device=device).view(-1)
     if eos is not None and pad_token_id is None:
         pad_token_id = int(eos[0])

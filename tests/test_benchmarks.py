@@ -14,6 +14,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import bench_rmsnorm_gate_up as gate_up  # noqa: E402
 import bench_rmsnorm_qkv as qkv  # noqa: E402
+import bench_streaming_linear as linear  # noqa: E402
 import report  # noqa: E402
 
 from hf_fused.ops import rmsnorm_gate_up_ref, rmsnorm_qkv_ref  # noqa: E402
@@ -23,6 +24,8 @@ COMMITTED = [  # (op, the run's JSON, the doc that shows its table)
     (qkv.OP, "bench_rmsnorm_qkv_h100.json", "bench_rmsnorm_qkv.md"),
     (qkv.OP, "bench_rmsnorm_qkv_h100_8b_prefetch.json", "bench_rmsnorm_qkv.md"),
     (gate_up.OP, "bench_rmsnorm_gate_up_h100.json", "bench_rmsnorm_gate_up.md"),
+    (gate_up.OP, "bench_rmsnorm_gate_up_h100_8b_split.json", "bench_rmsnorm_gate_up.md"),
+    (linear.OP, "bench_streaming_linear_h100.json", "bench_streaming_linear.md"),
 ]
 
 
@@ -98,3 +101,14 @@ def test_profile_splits_layers_and_names_their_kernels():
     stock = ["gemv"] * 7
     assert profile_decode.label_layer(stock, ()) == list(profile_decode.PROJECTIONS)
     assert profile_decode.label_layer(stock[:6], ()) == ["other"] * 6
+    # fuse=gemv: the streaming kernels are o_proj and down_proj, in layer order; from two tokens
+    # on the op runs cuBLAS, and the cuBLAS kernels take those names instead.
+    streamed = ["_rmsnorm_qkv_decode_kernel", "cudnn_flash", "_streaming_linear_kernel", "triton_poi_fused_add",
+                "_rmsnorm_gate_up_decode_kernel", "_streaming_linear_kernel"]
+    assert profile_decode.label_layer(streamed, ("qkv", "mlp", "gemv")) == [
+        "norm+qkv (hf_fused)", "attention", "o_proj", "other", "norm+gate/up (hf_fused)", "down_proj"]
+    batched = ["_rmsnorm_qkv_decode_kernel", "cudnn_flash", "nvjet_splitK", "void cublasLt::splitKreduce_kernel<32>",
+               "triton_red_fused_norm", "nvjet_gate", "nvjet_up", "triton_poi_fused_silu_mul", "nvjet_down"]
+    assert profile_decode.label_layer(batched, ("qkv", "gemv")) == [
+        "norm+qkv (hf_fused)", "attention", "o_proj", "o_proj (split-K reduce)", "other", "gate_proj", "up_proj",
+        "other", "down_proj"]

@@ -62,7 +62,7 @@ def test_offloaded_layer_is_refused_and_model_untouched(checkpoint, tmp_path):
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("fuse", [("qkv",), ("qkv", "mlp")], ids="+".join)
+@pytest.mark.parametrize("fuse", [("qkv",), ("qkv", "mlp"), ("qkv", "mlp", "gemv")], ids="+".join)
 def test_layers_on_two_gpus_run_on_their_own_gpu(checkpoint, dtype, fuse):
     """Layer 0 on cuda:0 and layer 1 on cuda:1: each fused kernel must launch on its layer's GPU,
     whichever GPU is current, or it reads inputs another stream has not finished writing."""

@@ -71,3 +71,23 @@ def test_generate_streams_tokens(capsys, extra):
         assert "patched: 2 llama layers; kernel: " in out and "top-1 agreement 100.0%" in out
     streamed = out.split("-" * 60)[1].split()
     assert len(streamed) == 5 and all(t.isdigit() for t in streamed)
+
+
+ROOT = EXAMPLES.parent
+# The README's tokens-per-second tables and the runs they come from (--table reprints a run's JSON).
+README_TPS_RUNS = ["tps_smollm2-135m_h100.json", "tps_llama3-8b_tp2_h100.json", "tps_llama3-8b_device-map2_h100.json"]
+
+
+@pytest.mark.parametrize("run", README_TPS_RUNS)
+def test_readme_tps_tables_are_the_committed_runs(run, capsys):
+    assert load("compare_tps").main(["--table", str(ROOT / "docs" / run)]) == 0
+    header, rest = capsys.readouterr().out.strip().split("\n", 1)
+    # The README ends the header line with two spaces, a markdown line break.
+    assert f"{header}  \n{rest}" in (ROOT / "README.md").read_text()
+
+
+def test_readme_8b_table_is_the_printed_run():
+    """That run's JSON did not come back from the GPU machine; its printed output is committed."""
+    printed = (ROOT / "docs" / "tps_llama3-8b_qkv-mlp-gemv_h100.txt").read_text()
+    header, rest = printed[printed.index("llama3-8b (random weights), bfloat16"):].strip().split("\n", 1)
+    assert f"{header}  \n{rest}" in (ROOT / "README.md").read_text()

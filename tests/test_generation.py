@@ -93,6 +93,16 @@ def test_bad_arguments(model, ids):
         generation.generate(model, ids[0], NEW)
 
 
+def test_refuses_to_compile_over_accelerate_hooks(ids):
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    hooked = build_random_model("tiny-llama", torch.float32, "cpu", std=0.2)
+    add_hook_to_module(hooked.model.layers[0], ModelHook())
+    with pytest.raises(ValueError, match="accelerate's hooks"):
+        generation.generate(hooked, ids, NEW, compile=True)
+    assert generation.generate(hooked, ids, 2, compile=False).shape == (2, ids.shape[1] + 2)
+
+
 def test_state_is_freed_with_the_model():
     import gc
     import weakref

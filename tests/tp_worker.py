@@ -34,7 +34,9 @@ def main(folder: str) -> None:
     stock = model(ids).logits
     stock_state = {k: full(v).clone() for k, v in model.state_dict().items()}
 
-    hf_fused.patch_model(model, fuse=("qkv", "mlp"))
+    hf_fused.patch_model(model)
+    # The default fuse also streams o_proj and down_proj, except row-sharded ones like these.
+    assert type(attn.o_proj) is nn.Linear and isinstance(attn.o_proj.weight, DTensor)
     fused = attn.qkv_fused.weight
     config = model.config
     heads = config.num_attention_heads + 2 * config.num_key_value_heads
