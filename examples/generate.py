@@ -13,34 +13,17 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import TextStreamer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import hf_fused  # noqa: E402
 from example_utils import (  # noqa: E402
     add_model_args,
-    environment,
     kernel_path,
-    load_from_args,
+    load_and_report,
     patched_layers,
-    resolve_device_dtype,
+    prompt_inputs,
+    token_streamer,
 )
-
-
-class IdStreamer:
-    """Prints token ids as they come, for a model without a tokenizer (random weights)."""
-
-    def __init__(self) -> None:
-        self.prompt_seen = False
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self.prompt_seen:  # generate() hands over the prompt first
-            self.prompt_seen = True
-            return
-        print(" ".join(str(t) for t in value.view(-1).tolist()), end=" ", flush=True)
-
-    def end(self) -> None:
-        print(flush=True)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -55,31 +38,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def encode(tokenizer, prompt: str, chat: bool, device: torch.device) -> dict[str, torch.Tensor]:
-    if chat and getattr(tokenizer, "chat_template", None):
-        enc = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                            return_tensors="pt", return_dict=True)
-    else:
-        enc = tokenizer(prompt, return_tensors="pt")
-    return {k: v.to(device) for k, v in enc.items()}
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    device, dtype = resolve_device_dtype(args)
-    env = environment(device)
-    print(f"{env['device']} | torch {env['torch']} | triton {env['triton']} | transformers {env['transformers']}")
-
-    model, tokenizer, label = load_from_args(args, device, dtype)
-    print(f"model: {label}, {model.config.model_type}, {dtype}, on {device}")
-    if tokenizer is not None:
-        inputs = encode(tokenizer, args.prompt, not args.no_chat_template, device)
-        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    else:
-        generator = torch.Generator().manual_seed(0)
-        ids = torch.randint(model.config.vocab_size, (1, 16), generator=generator).to(device)
-        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-        streamer = IdStreamer()
+    device, model, tokenizer = load_and_report(args)
+    inputs = prompt_inputs(model, tokenizer, args.prompt, not args.no_chat_template, device)
+    streamer = token_streamer(tokenizer)
+    if tokenizer is None:
         print("no tokenizer (random weights?): the prompt is 16 random token ids and the output is token ids")
 
     if not args.no_patch:

@@ -1,4 +1,4 @@
-"""A gpt-fast-style greedy decode loop around any Hugging Face causal LM.
+"""A gpt-fast-style decode loop around any Hugging Face causal LM: greedy, or sampled.
 
 transformers' ``generate`` pays Python overhead per token (logits processors, stopping criteria,
 input preparation) and compiles its decode step with ``fullgraph=False``. At batch 1 that
@@ -6,11 +6,13 @@ overhead is a large share of a step. This loop does what gpt-fast does instead:
 
 - a ``StaticCache``, so every decode step has the same shapes and tensor addresses;
 - the prefill runs eagerly, once;
-- the decode step (forward + argmax) is ``torch.compile(mode="reduce-overhead", fullgraph=True)``,
-  so each token is one CUDA-graph replay.
+- the decode step (forward + argmax, or forward + sampling) is
+  ``torch.compile(mode="reduce-overhead", fullgraph=True)``, so each token is one CUDA-graph replay.
 
-It only calls the model's forward, so it runs a patched and an unpatched model alike. It is a
-helper, not a framework: greedy only, no beams, no sampling.
+Sampling takes transformers' ``do_sample``, ``temperature``, ``top_k`` and ``top_p`` and draws on the
+device inside that replay (``hf_fused.sampling`` says how). It only calls the model's forward, so it
+runs a patched and an unpatched model alike. It is a helper, not a framework: no beams, no
+repetition penalties or other logits processors.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ import torch
 from torch import Tensor, nn
 from transformers import StaticCache
 
+from hf_fused.sampling import SamplingParams, check_sampling_args, sample
+
 logger = logging.getLogger(__name__)
 
 
@@ -35,7 +39,9 @@ class _State:
     cache: StaticCache | None = None
     cache_key: tuple[Any, ...] = ()
     cache_len: int = 0
-    steps: dict[bool, Callable[..., Tensor]] = field(default_factory=dict)
+    sampling: SamplingParams | None = None
+    # Keyed by (compiled, filters): filters is None for greedy, else which of top-k and top-p run.
+    steps: dict[tuple[bool, tuple[bool, bool] | None], Callable[..., Tensor]] = field(default_factory=dict)
 
 
 # The state lives on the model, not in a global table: its compiled step refers to the model, so
@@ -70,10 +76,35 @@ def _get_cache(model: nn.Module, state: _State, batch: int, max_len: int, dtype:
     return state.cache
 
 
+def _get_sampling(
+    state: _State, device: torch.device, temperature: float, top_k: int | None, top_p: float,
+    generator: torch.Generator | None, seed: int | None,
+) -> SamplingParams:
+    # One SamplingParams per model, updated in place: its tensors keep the addresses the CUDA
+    # graphs recorded (like the cache's).
+    if state.sampling is None or state.sampling.key.device != device:
+        state.sampling = SamplingParams.allocate(device)
+    if generator is None:
+        generator = torch.Generator(device=device)
+        if seed is None:
+            generator.seed()  # nondeterministic, as transformers' sampling is without a seed
+        else:
+            generator.manual_seed(seed)
+    state.sampling.set(temperature, top_k, top_p, generator)
+    return state.sampling
+
+
+def _next_token(logits: Tensor, position: Tensor, sampling: SamplingParams | None) -> Tensor:
+    """``(B,)`` next tokens from the last position's ``(B, V)`` logits: argmax, or a sample."""
+    return logits.argmax(dim=-1) if sampling is None else sample(logits, position, sampling)
+
+
 def _make_step(model: nn.Module, state: _State, compiled: bool) -> Callable[..., Tensor]:
     cache_kw = _cache_kwarg(model)
 
-    def step(tokens: Tensor, position_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
+    def step(
+        tokens: Tensor, position_ids: Tensor, attention_mask: Tensor | None, sampling: SamplingParams | None
+    ) -> Tensor:
         out = model(
             input_ids=tokens,
             position_ids=position_ids,
@@ -81,7 +112,8 @@ def _make_step(model: nn.Module, state: _State, compiled: bool) -> Callable[...,
             use_cache=True,
             **{cache_kw: state.cache},
         )
-        return out.logits[:, -1].argmax(dim=-1)
+        # Sampling happens here, inside the compiled graph: no host round trip per token.
+        return _next_token(out.logits[:, -1], position_ids, sampling)
 
     if not compiled:
         return step
@@ -106,10 +138,16 @@ def generate(
     compile: bool | None = None,
     eos_token_id: int | list[int] | None = None,
     pad_token_id: int | None = None,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
     streamer: Any | None = None,
     callback: Callable[[Tensor], None] | None = None,
 ) -> Tensor:
-    """Greedy decoding with a static cache and a compiled decode step.
+    """Greedy or sampled decoding with a static cache and a compiled decode step.
 
     Args:
         model: a causal LM (``AutoModelForCausalLM``), patched or not.
@@ -120,6 +158,18 @@ def generate(
         eos_token_id: stop a sequence at this token (or any of these); ``None`` always runs
             ``max_new_tokens`` steps and never synchronizes with the host, the fastest.
         pad_token_id: written after a sequence's EOS; defaults to the first EOS id.
+        do_sample: sample instead of taking the argmax (greedy, the default). The sampling
+            arguments below mean what they mean in transformers' ``generate`` and, like there,
+            are ignored when ``do_sample`` is False.
+        temperature: divides the logits before sampling; must be > 0.
+        top_k: keep the ``top_k`` most likely tokens (ties with the last stay); 0 or ``None``
+            keeps all. Unlike transformers' ``generate``, whose default is 50, there is no default cut.
+        top_p: keep the smallest set of most likely tokens whose probability sums to at least
+            ``top_p``, in (0, 1]; 1 keeps all. Applied after temperature and top-k, in that order.
+        generator: the randomness; one key is drawn from it per call, so the same generator state
+            gives the same tokens.
+        seed: instead of ``generator``: a new generator on the model's device seeded with it.
+            With neither, every call draws differently.
         streamer: a transformers streamer (e.g. ``TextStreamer``), fed like ``generate`` feeds it.
         callback: called with each step's ``(B,)`` new tokens.
 
@@ -131,6 +181,7 @@ def generate(
         raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    check_sampling_args(do_sample, temperature, top_k, top_p, generator, seed)
     device = next(model.parameters()).device
     input_ids = input_ids.to(device)
     batch, prompt_len = input_ids.shape
@@ -146,9 +197,13 @@ def generate(
     state = model.__dict__.setdefault(_STATE_ATTR, _State())
     dtype = next(model.parameters()).dtype
     cache = _get_cache(model, state, batch, prompt_len + max_new_tokens, dtype)
-    if compiled not in state.steps:
-        state.steps[compiled] = _make_step(model, state, compiled)
-    step = state.steps[compiled]
+    sampling = _get_sampling(state, device, temperature, top_k, top_p, generator, seed) if do_sample else None
+    # Each kind of step is its own compiled function: greedy stays the plain argmax graph, and
+    # a graph with the top-k/top-p sort runs only when they are asked for.
+    step_key = (compiled, None if sampling is None else sampling.filters)
+    if step_key not in state.steps:
+        state.steps[step_key] = _make_step(model, state, compiled)
+    step = state.steps[step_key]
 
     # A mask of fixed width (the whole cache) keeps decode shapes static; it is needed only when
     # some prompt is left-padded, otherwise the causal mask alone is exact and cheaper.
@@ -171,9 +226,10 @@ def generate(
         **{_cache_kwarg(model): cache},
         **prefill_kwargs,
     )
-    token = out.logits[:, -1].argmax(dim=-1)
-    del out
     position = positions[:, -1:].clone()
+    # The first token is picked the same way, eagerly, from the prefill's logits.
+    token = _next_token(out.logits[:, -1], position, sampling)
+    del out
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     new_tokens: list[Tensor] = []
 
@@ -193,9 +249,9 @@ def generate(
             # Tells the CUDA-graph runtime that the previous step's outputs are no longer read,
             # so the next replay may overwrite them; the clone keeps the token we still need.
             torch.compiler.cudagraph_mark_step_begin()
-            token = step(token.view(batch, 1), position, mask).clone()
+            token = step(token.view(batch, 1), position, mask, sampling).clone()
         else:
-            token = step(token.view(batch, 1), position, mask)
+            token = step(token.view(batch, 1), position, mask, sampling)
 
     if streamer is not None:
         streamer.end()

@@ -1,12 +1,14 @@
-"""hf_fused.generation.generate gives transformers' greedy tokens, patched or not."""
+"""hf_fused.generation.generate gives transformers' greedy tokens, patched or not, and samples as
+transformers' warpers say."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 import hf_fused
-from hf_fused import generation
+from hf_fused import generation, sampling
 from hf_fused.models import build_random_model
 
 NEW = 10
@@ -113,3 +115,124 @@ def test_state_is_freed_with_the_model():
     del model
     gc.collect()
     assert ref() is None
+
+
+# Sampling. The filters must be transformers' own and the draws must follow softmax of what they
+# leave, so both are checked against transformers' warpers on the same logits.
+
+# (temperature, top_k, top_p): plain softmax, with top-k, with top-p, with both.
+SAMPLING_SETTINGS = [(1.0, None, 1.0), (0.7, 10, 1.0), (1.3, None, 0.8), (0.8, 12, 0.9)]
+
+
+def transformers_probs(logits, temperature, top_k, top_p):
+    """softmax of transformers' warpers, in the order its generate applies them."""
+    warpers = LogitsProcessorList()
+    if temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(temperature))
+    if top_k:
+        warpers.append(TopKLogitsWarper(top_k))
+    if top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p))
+    return warpers(None, logits.float()).softmax(dim=-1)
+
+
+def sampling_params(temperature, top_k, top_p, seed=0):
+    params = sampling.SamplingParams.allocate(torch.device("cpu"))
+    params.set(temperature, top_k, top_p, torch.Generator().manual_seed(seed))
+    return params
+
+
+def assert_draws_follow(tokens, probs):
+    """Each token's count within 5 standard deviations of its expectation (a false failure has
+    probability about 6e-7 per token), and never a token transformers' filters drop."""
+    n = tokens.numel()
+    counts = torch.bincount(tokens.view(-1), minlength=probs.numel()).double()
+    expected = n * probs.double()
+    assert (counts[probs == 0] == 0).all(), "a filtered token was drawn"
+    bound = 5 * (expected * (1 - probs.double())).sqrt() + 1
+    worst = ((counts - expected).abs() - bound).max()
+    assert worst <= 0, f"counts off by {worst:.1f} beyond 5 sigma"
+
+
+def test_philox_matches_random123_known_answers():
+    words = lambda *values: tuple(torch.tensor(v) for v in values)  # noqa: E731
+    # Random123's kat_vectors for philox4x32_10: counter, key, expected output.
+    known = [
+        ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+        ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+        ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+         (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+    ]
+    for counter, key, expected in known:
+        assert tuple(int(w) for w in sampling.philox4x32(words(*counter), words(*key))) == expected
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", SAMPLING_SETTINGS)
+def test_filters_match_transformers(temperature, top_k, top_p):
+    logits = torch.randn(4, 100, generator=torch.Generator().manual_seed(1)) * 3
+    ours = sampling.filter_scores(logits, sampling_params(temperature, top_k, top_p))
+    assert torch.equal(ours.isinf(), transformers_probs(logits, temperature, top_k, top_p) == 0)
+    assert torch.allclose(ours.softmax(-1), transformers_probs(logits, temperature, top_k, top_p))
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", SAMPLING_SETTINGS)
+def test_draws_follow_transformers_distribution(temperature, top_k, top_p):
+    logits = torch.randn(40, generator=torch.Generator().manual_seed(2)) * 2
+    draws = 20_000  # one row per draw: the batch row is part of the noise's counter
+    position = torch.zeros(draws, 1, dtype=torch.int64)
+    tokens = sampling.sample(logits.expand(draws, -1), position, sampling_params(temperature, top_k, top_p))
+    assert_draws_follow(tokens, transformers_probs(logits[None], temperature, top_k, top_p)[0])
+
+
+def test_first_generated_token_follows_transformers_distribution(model):
+    """End to end: the token sampled from the prefill, over many rows and seeds."""
+    prompt = torch.randint(3, 256, (1, 8), generator=torch.Generator().manual_seed(3))
+    settings = dict(temperature=0.9, top_k=40, top_p=0.95)
+    generation.reset(model)
+    firsts = [generation.generate(model, prompt.expand(1000, -1), 1, do_sample=True, seed=seed, **settings)[:, -1]
+              for seed in range(3)]
+    probs = transformers_probs(model(prompt).logits[:, -1], settings["temperature"], settings["top_k"],
+                               settings["top_p"])
+    assert_draws_follow(torch.cat(firsts), probs[0])
+
+
+def test_sampling_is_reproducible(model, ids):
+    generation.reset(model)
+    settings = dict(do_sample=True, temperature=0.8, top_k=50, top_p=0.9)
+    first = generation.generate(model, ids, NEW, seed=7, **settings)
+    assert torch.equal(generation.generate(model, ids, NEW, seed=7, **settings), first)
+    # seed=7 is a CPU generator seeded with 7, since the model is on CPU.
+    assert torch.equal(generation.generate(model, ids, NEW, generator=torch.Generator().manual_seed(7), **settings),
+                       first)
+    assert not torch.equal(generation.generate(model, ids, NEW, seed=8, **settings), first)
+    # Greedy stays greedy whatever the sampling arguments, as in transformers.
+    assert torch.equal(generation.generate(model, ids, NEW, seed=7, temperature=0.8), hf_greedy(model, ids))
+
+
+def test_top_k_1_is_greedy(model, ids):
+    generation.reset(model)
+    out = generation.generate(model, ids, NEW, do_sample=True, top_k=1, temperature=1.5, seed=0)
+    assert torch.equal(out, hf_greedy(model, ids))
+
+
+def test_compiled_sampling_step_matches_eager(model, ids):
+    """The sampling traces into the fullgraph-compiled step and draws the same noise there."""
+    settings = dict(do_sample=True, temperature=0.8, top_k=50, top_p=0.9, seed=3)
+    generation.reset(model)
+    torch._dynamo.reset()
+    compiled = generation.generate(model, ids, NEW, compile=True, **settings)
+    assert torch.equal(compiled, generation.generate(model, ids, NEW, compile=False, **settings))
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    (dict(do_sample=True, temperature=0.0), "temperature"),
+    (dict(do_sample=True, temperature=-1.0), "temperature"),
+    (dict(do_sample=True, top_p=0.0), "top_p"),
+    (dict(do_sample=True, top_p=1.5), "top_p"),
+    (dict(do_sample=True, top_k=-1), "top_k"),
+    (dict(do_sample=True, top_k=2.5), "top_k"),
+    (dict(do_sample=True, seed=0, generator=torch.Generator()), "generator or seed"),
+])
+def test_bad_sampling_arguments(model, ids, kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        generation.generate(model, ids, NEW, **kwargs)

@@ -50,12 +50,13 @@ def test_kernel_accuracy(M, N, K, bias, dtype):
 
 
 def test_one_token_runs_the_kernel(monkeypatch):
-    """One token launches the streaming kernel (with its own row split), not F.linear."""
+    """In the registered op (compiled code; eager calls are tests/test_eager_launch.py's), one
+    token launches the streaming kernel with its own row split, more tokens F.linear."""
     launched = []
     monkeypatch.setattr(op_module, "launch_stream", lambda *args, **kw: launched.append(args[1].shape))
     x, weight, _ = make_inputs(1, 64, 96, torch.float32)
-    streaming_linear(x, weight)
-    streaming_linear(torch.cat([x, x]), weight)
+    torch.ops.hf_fused.streaming_linear(x, weight, None)
+    torch.ops.hf_fused.streaming_linear(torch.cat([x, x]), weight, None)
     assert launched == ([torch.Size([96, 64])] if op_module.runs_triton(x) else [])
 
 

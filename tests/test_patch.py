@@ -315,13 +315,21 @@ def test_gemv_alone_swaps_in_the_same_parameters():
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "phi3", "gemma"])
-def test_one_sequence_decode_streams_in_compiled_code_only(family, monkeypatch):
-    """Batch-1 decode is where o_proj and down_proj take the streaming kernel, in compiled code;
-    eager calls keep F.linear. Both ways generate what the stock model does."""
+def test_one_sequence_decode_streams(family, monkeypatch):
+    """Batch-1 decode is where o_proj and down_proj take the streaming kernel: through the
+    registered op in compiled code, through its eager launch in eager code. Both ways generate
+    what the stock model does."""
     op_module = importlib.import_module("hf_fused.ops.streaming_linear")
-    launch = op_module.launch_stream
-    launched = []
-    monkeypatch.setattr(op_module, "launch_stream", lambda *args, **kw: launched.append(1) or launch(*args, **kw))
+    launched = {"op": 0, "eager": 0}
+
+    def counted(path, fn):
+        def call(*args, **kwargs):
+            launched[path] += 1
+            return fn(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(op_module, "launch_stream", counted("op", op_module.launch_stream))
+    monkeypatch.setattr(op_module, "_eager_stream", counted("eager", op_module._eager_stream))
     stock = build(family)
     model = hf_fused.patch_model(copy.deepcopy(stock), fuse=ALL)
     ids = prompt(batch=1, pad=0)[0]
@@ -330,14 +338,14 @@ def test_one_sequence_decode_streams_in_compiled_code_only(family, monkeypatch):
         # On CPU, torch.compile traces the op's reference path (the interpreter runs no kernel
         # on fake tensors), so the compiled dispatch is taken here by saying it is compiling.
         monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
-        launched.clear()
+        launched.update(op=0, eager=0)
         for extra in ({}, {"cache_implementation": "static"}):
             with torch.no_grad():
                 got, want = model.generate(ids, **kwargs, **extra), stock.generate(ids, **kwargs, **extra)
             assert torch.equal(got, want), (compiling, extra)
         # Five one-token steps a generate, two projections a layer; none in the prompt's forward.
-        streams = compiling and op_module.runs_triton(ids.float())
-        assert len(launched) == (2 * 5 * 2 * BASE["num_hidden_layers"] if streams else 0)
+        streams = 2 * 5 * 2 * BASE["num_hidden_layers"] if op_module.runs_triton(ids.float()) else 0
+        assert launched == ({"op": streams, "eager": 0} if compiling else {"op": 0, "eager": streams})
 
 
 def _hooked_o_proj(model):

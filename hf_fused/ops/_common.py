@@ -20,6 +20,7 @@ from torch._subclasses.fake_tensor import is_fake
 from torch.library import wrap_triton
 
 NORM_STYLES = ("llama", "gemma")
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def rmsnorm_ref(x: Tensor, norm_weight: Tensor, *, eps: float, norm_style: str) -> Tensor:
@@ -37,8 +38,8 @@ def check_operands(x: Tensor, **tensors: Tensor | None) -> None:
     device for all. Each op checks its own weights' shapes after this."""
     if x.dim() < 1 or x.shape[-1] == 0:
         raise ValueError(f"x must have a non-empty last (hidden) dimension K, got shape {tuple(x.shape)}")
-    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"x must be float16, bfloat16 or float32, got {x.dtype}")
+    if not x.dtype.is_floating_point:
+        raise ValueError(f"x must be floating point, got {x.dtype} (the kernels take float16, bfloat16 or float32)")
     for name, t in tensors.items():
         if t is not None and t.dtype != x.dtype:
             raise ValueError(f"{name} has dtype {t.dtype} but x has {x.dtype}; all inputs must share one dtype")
@@ -76,6 +77,9 @@ def on_device_of(x: Tensor) -> contextlib.AbstractContextManager:
 
 def runs_triton(x: Tensor) -> bool:
     """Whether the op runs the Triton kernels on ``x``, or else the PyTorch reference."""
+    # Other floating dtypes (a model cast to float64 to check numerics) compute as the stock model does.
+    if x.dtype not in KERNEL_DTYPES:
+        return False
     if x.device.type == "cuda":
         return True
     # wrap_triton doesn't know the interpreter's kernels: tracing CPU code (fake tensors under
@@ -95,6 +99,19 @@ def _kernel_flags(gemma: bool, config) -> dict:
 def _sm_count(device: torch.device) -> int:
     # The interpreter runs programs one after another; a few suffice to exercise the row split.
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 3
+
+
+@functools.cache
+def device_name(device: torch.device) -> str:
+    """The GPU's name, which picks a per-device tune where one was measured; "" off CUDA."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+
+
+def h200_tuned(device: torch.device | None) -> bool:
+    """Whether the one-token kernels take their H200 tune (benchmarks/tune_rmsnorm_qkv.py, run on
+    an H200: docs/tune_h200.md). An H200 streams 1.4x an H100's bytes through the same 132 SMs,
+    and there half the rows per program (twice the programs in flight) measured fastest."""
+    return device is not None and device_name(device).startswith("NVIDIA H200")
 
 
 def _decode_split(rows: int, rows_per_program: int | None, block_m: int, device: torch.device) -> tuple[int, int, int]:
@@ -200,3 +217,65 @@ def launch_norm(x, norm_weight, y, eps: float, gemma: bool) -> None:
         x, norm_weight, y, M, K, x.stride(0), x.stride(1), y.stride(0), eps,
         GEMMA=gemma, INTERPRETED=triton_interpreter_enabled(), BLOCK_M=block_m, BLOCK_K=block_k, num_warps=4,
     )
+
+
+# Eager launches. An eager call of a registered op pays torch's custom-op dispatch, then
+# Triton's launcher binds and specializes every argument again: about 110 µs of host time per
+# call on the H200, against some 15 µs of GPU time for a decode step's projection. Eager decode
+# is bound by that host time. So eager decode calls (no autograd, not traced) skip the dispatcher
+# and replay a kernel that Triton compiled on the first call of the same signature.
+
+
+def eager_launchable(x: Tensor, *tensors: Tensor | None) -> bool:
+    """Whether a call may take an EagerLaunch: eager CUDA code with no autograd graph to record."""
+    # Traced code takes the registered op; under the interpreter, real CPU tensors take this
+    # path too, so that CI runs it.
+    if torch.compiler.is_compiling() or not (x.is_cuda or (x.device.type == "cpu" and triton_interpreter_enabled())):
+        return False
+    return not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (x, *tensors))
+
+
+def signature(*tensors: Tensor | None) -> tuple:
+    """What a compiled kernel is specialized on, per tensor: shape, strides, dtype, device and
+    16-byte alignment (Triton vectorizes aligned pointers); None for an absent one."""
+    return tuple(
+        None if t is None else (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16 == 0) for t in tensors
+    )
+
+
+class EagerLaunch:
+    """One kernel launch, resolved once and replayed with new tensors from eager code.
+
+    Built from a launch's grid, runtime arguments (the tensors first) and meta-parameters. The
+    first call goes through Triton's launcher, which compiles or finds the kernel; later calls
+    hand the compiled kernel its arguments directly. A call with other shapes, strides, dtypes
+    or alignments needs another EagerLaunch (see ``signature``). Under the interpreter there is
+    no compiled kernel, and every call goes through Triton's launcher.
+    """
+
+    def __init__(self, kernel, grid: tuple[int, ...], args: tuple, meta: dict, n_tensors: int) -> None:
+        self.kernel, self.grid, self.meta = kernel, grid, meta
+        self.n_tensors = n_tensors
+        self.fixed = args[n_tensors:]
+        names = kernel.arg_names[len(args) :]
+        # The compiled launcher takes every parameter, constexprs too, positionally.
+        self.tail = (*self.fixed, *(meta[name] for name in names))
+        self.compiled = None
+
+    def __call__(self, *tensors: Tensor) -> None:
+        if self.compiled is None:
+            compiled = self.kernel[self.grid](*tensors, *self.fixed, **self.meta)
+            # Triton's compiled-kernel runner indexes all three grid dimensions.
+            self.grid = (*self.grid, 1, 1)[:3]
+            self.compiled = None if triton_interpreter_enabled() else compiled
+            return
+        device = tensors[0].device.index
+        self.compiled[self.grid](*tensors, *self.tail, stream=triton.runtime.driver.active.get_current_stream(device))
+
+
+def cached_launch(cache: dict, key: tuple, build) -> EagerLaunch:
+    """``cache[key]``, built by ``build()`` on the first call with that key."""
+    launch = cache.get(key)
+    if launch is None:
+        launch = cache[key] = build()
+    return launch

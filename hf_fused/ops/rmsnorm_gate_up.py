@@ -36,18 +36,24 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
+from hf_fused.ops._autograd import register_reference_backward
 from hf_fused.ops._common import (
+    KERNEL_DTYPES,
+    EagerLaunch,
     _decode_split,
     _kernel_flags,
     _normalized_tile,
     _round_to,
     _row_rstd,
     _weight_tile,
+    cached_launch,
     check_inputs,
+    eager_launchable,
     launch_norm,
     on_device_of,
     rmsnorm_ref,
     runs_triton,
+    signature,
 )
 from hf_fused.ops.rmsnorm_qkv import DecodeConfig, decode_config
 
@@ -135,26 +141,35 @@ def _rmsnorm_gate_up_decode_kernel(
     tl.store(y_ptrs, y, mask=n_mask[:, None] & (offs_m[None, :] < M))
 
 
-def launch_decode(
+def decode_launch(
     x, norm_weight, gate_up_weight, y, eps: float, gemma: bool, activation: str, config: DecodeConfig | None = None
-) -> None:
-    """The weight-streaming kernel: x (1, K), gate_up_weight (2I, K), y (1, I)."""
+) -> tuple[tuple[int], tuple, dict]:
+    """The weight-streaming kernel's grid, runtime arguments (the four tensors first) and
+    meta-parameters: x (1, K), gate_up_weight (2I, K), y (1, I)."""
     M, K = x.shape
     I = gate_up_weight.shape[0] // 2
     if config is None:
         # rmsnorm_qkv's heuristic for the same weight bytes: each output row here streams two
         # weight rows, so a program takes half as many.
-        config = decode_config(M, 2 * I, K)
+        config = decode_config(M, 2 * I, K, x.device)
         rows = config.rows_per_program
         config = replace(config, rows_per_program=None if rows is None else max(1, rows // 2))
     rows_per_program, block_n, grid = _decode_split(I, config.rows_per_program, config.BLOCK_M, x.device)
-    wrap_triton(_rmsnorm_gate_up_decode_kernel)[(grid,)](
+    args = (
         x, norm_weight, gate_up_weight, y,
         M, I, K, rows_per_program,
         x.stride(0), x.stride(1), gate_up_weight.stride(0), gate_up_weight.stride(1), y.stride(0), y.stride(1),
-        eps,
-        GELU=activation == "gelu_tanh", BLOCK_N=block_n, **_kernel_flags(gemma, config),
     )
+    meta = dict(eps=eps, GELU=activation == "gelu_tanh", BLOCK_N=block_n, **_kernel_flags(gemma, config))
+    return (grid,), args, meta
+
+
+def launch_decode(
+    x, norm_weight, gate_up_weight, y, eps: float, gemma: bool, activation: str, config: DecodeConfig | None = None
+) -> None:
+    """The weight-streaming kernel: x (1, K), gate_up_weight (2I, K), y (1, I)."""
+    grid, args, meta = decode_launch(x, norm_weight, gate_up_weight, y, eps, gemma, activation, config)
+    wrap_triton(_rmsnorm_gate_up_decode_kernel)[grid](*args, **meta)
 
 
 def rmsnorm_gate_up_2d(
@@ -197,6 +212,29 @@ def _check_inputs(x: Tensor, norm_weight: Tensor, gate_up_weight: Tensor, norm_s
         raise ValueError(f"gate_up_weight must have shape (2I, {K}): [W_gate; W_up] over x's hidden size, got {shape}")
 
 
+_EAGER_LAUNCHES: dict[tuple, EagerLaunch] = {}
+
+
+def _eager_decode(
+    x: Tensor, norm_weight: Tensor, gate_up_weight: Tensor, eps: float, norm_style: str, activation: str
+) -> Tensor:
+    """The one-token kernel launched from eager code, its launch resolved once per signature."""
+    key = (signature(x, norm_weight, gate_up_weight), eps, norm_style, activation)
+    out_shape = (*x.shape[:-1], gate_up_weight.shape[0] // 2)
+    y = x.new_empty(out_shape)
+
+    def build() -> EagerLaunch:
+        _check_inputs(x, norm_weight, gate_up_weight, norm_style, activation)
+        grid, args, meta = decode_launch(x.view(-1, x.shape[-1]), norm_weight, gate_up_weight,
+                                         y.view(-1, out_shape[-1]), eps, norm_style == "gemma", activation)
+        return EagerLaunch(_rmsnorm_gate_up_decode_kernel, grid, args, meta, n_tensors=4)
+
+    launch = cached_launch(_EAGER_LAUNCHES, key, build)
+    with on_device_of(x):
+        launch(x, norm_weight, gate_up_weight, y)
+    return y
+
+
 def rmsnorm_gate_up(
     x: Tensor,
     norm_weight: Tensor,
@@ -220,6 +258,17 @@ def rmsnorm_gate_up(
         (..., I) in x's dtype. CUDA tensors run the Triton kernels; CPU tensors run the same
         math in PyTorch, or the kernels in Triton's interpreter when TRITON_INTERPRET=1.
     """
+    if (
+        eager_launchable(x, norm_weight, gate_up_weight)
+        and x.is_contiguous()
+        and x.dtype in KERNEL_DTYPES
+        and x.numel() == x.shape[-1]
+    ):
+        return _eager_decode(x, norm_weight, gate_up_weight, eps, norm_style, activation)
     _check_inputs(x, norm_weight, gate_up_weight, norm_style, activation)
     with on_device_of(x):
         return torch.ops.hf_fused.rmsnorm_gate_up(x, norm_weight, gate_up_weight, eps, norm_style == "gemma", activation)
+
+register_reference_backward("hf_fused::rmsnorm_gate_up", lambda x, norm_weight, gate_up_weight, eps, gemma, activation: (
+    rmsnorm_gate_up_ref(x, norm_weight, gate_up_weight, eps=eps, norm_style="gemma" if gemma else "llama",
+                        activation=activation)))

@@ -29,7 +29,10 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
+from hf_fused.ops._autograd import register_reference_backward
 from hf_fused.ops._common import (
+    KERNEL_DTYPES,
+    EagerLaunch,
     _decode_split,
     _dot,
     _kernel_flags,
@@ -37,11 +40,15 @@ from hf_fused.ops._common import (
     _round_to,
     _row_rstd,
     _weight_tile,
+    cached_launch,
     check_inputs,
+    eager_launchable,
+    h200_tuned,
     launch_norm,
     on_device_of,
     rmsnorm_ref,
     runs_triton,
+    signature,
 )
 
 DECODE_MAX_M = 64
@@ -106,8 +113,9 @@ def streams_weights(M: int, dtype: torch.dtype) -> bool:
     return M == 1 or (1 < M <= DECODE_MAX_M and dtype != torch.float32)
 
 
-def decode_config(M: int, N: int, K: int) -> DecodeConfig:
-    """Heuristic for the weight-streaming kernel, read off benchmarks/tune_rmsnorm_qkv.py on an H100.
+def decode_config(M: int, N: int, K: int, device: torch.device | None = None) -> DecodeConfig:
+    """Heuristic for the weight-streaming kernel, read off benchmarks/tune_rmsnorm_qkv.py on an
+    H100, and for one token on an H200 (h200_tuned) off the same sweep there.
 
     One token streams on CUDA cores, its whole row normalized up front (those loads gate the
     weight stream). From two tokens on, rows pad to 16 or more and go through tl.dot, with
@@ -116,6 +124,8 @@ def decode_config(M: int, N: int, K: int) -> DecodeConfig:
     large = N * K >= 4096 * 4096
     if M == 1:
         norm_block_k = min(triton.next_power_of_2(K), 4096)
+        if h200_tuned(device):
+            return DecodeConfig(1, 1024 if K <= 4096 else 512, norm_block_k, num_warps=4, num_stages=1, rows_per_program=8)
         return DecodeConfig(1, 512, norm_block_k, num_warps=4, num_stages=4, rows_per_program=16 if large else 8)
     block_m = max(16, triton.next_power_of_2(M))
     if block_m == 16:
@@ -214,19 +224,29 @@ def _rmsnorm_qkv_gemm_kernel(
     tl.store(y_ptrs, _round_to(acc, y_ptr.dtype.element_ty, INTERPRETED), mask=y_mask)
 
 
-def launch_decode(x, norm_weight, qkv_weight, bias, y, eps: float, gemma: bool, config: DecodeConfig | None = None):
-    """The weight-streaming kernel: x (M, K) with M <= DECODE_MAX_M, qkv_weight (N, K), y (M, N)."""
+def decode_launch(
+    x, norm_weight, qkv_weight, bias, y, eps: float, gemma: bool, config: DecodeConfig | None = None
+) -> tuple[tuple[int], tuple, dict]:
+    """The weight-streaming kernel's grid, runtime arguments (the five tensors first) and
+    meta-parameters: x (M, K) with M <= DECODE_MAX_M, qkv_weight (N, K), y (M, N)."""
     M, K = x.shape
     N = qkv_weight.shape[0]
-    config = config or decode_config(M, N, K)
+    config = config or decode_config(M, N, K, x.device)
     rows_per_program, block_n, grid = _decode_split(N, config.rows_per_program, config.BLOCK_M, x.device)
-    wrap_triton(_rmsnorm_qkv_decode_kernel)[(grid,)](
+    args = (
         x, norm_weight, qkv_weight, bias if bias is not None else y, y,
         M, N, K, rows_per_program,
         x.stride(0), x.stride(1), qkv_weight.stride(0), qkv_weight.stride(1), y.stride(0), y.stride(1),
-        eps,
-        HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, BLOCK_N=block_n, **_kernel_flags(gemma, config),
     )
+    meta = dict(eps=eps, HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, BLOCK_N=block_n,
+                **_kernel_flags(gemma, config))
+    return (grid,), args, meta
+
+
+def launch_decode(x, norm_weight, qkv_weight, bias, y, eps: float, gemma: bool, config: DecodeConfig | None = None):
+    """The weight-streaming kernel: x (M, K) with M <= DECODE_MAX_M, qkv_weight (N, K), y (M, N)."""
+    grid, args, meta = decode_launch(x, norm_weight, qkv_weight, bias, y, eps, gemma, config)
+    wrap_triton(_rmsnorm_qkv_decode_kernel)[grid](*args, **meta)
 
 
 def launch_gemm(x, norm_weight, qkv_weight, bias, y, eps: float, gemma: bool, config: GemmConfig | None = None):
@@ -286,6 +306,27 @@ def _check_inputs(x: Tensor, norm_weight: Tensor, qkv_weight: Tensor, bias: Tens
         raise ValueError(f"bias must have shape ({qkv_weight.shape[0]},) to match qkv_weight, got {tuple(bias.shape)}")
 
 
+_EAGER_LAUNCHES: dict[tuple, EagerLaunch] = {}
+
+
+def _eager_decode(x: Tensor, norm_weight: Tensor, qkv_weight: Tensor, bias: Tensor | None, eps: float, norm_style: str) -> Tensor:
+    """The weight-streaming kernel launched from eager code, its launch resolved once per signature."""
+    key = (signature(x, norm_weight, qkv_weight, bias), eps, norm_style)
+    out_shape = (*x.shape[:-1], qkv_weight.shape[0])
+    y = x.new_empty(out_shape)
+
+    def build() -> EagerLaunch:
+        _check_inputs(x, norm_weight, qkv_weight, bias, norm_style)
+        grid, args, meta = decode_launch(x.view(-1, x.shape[-1]), norm_weight, qkv_weight, bias,
+                                         y.view(-1, out_shape[-1]), eps, norm_style == "gemma")
+        return EagerLaunch(_rmsnorm_qkv_decode_kernel, grid, args, meta, n_tensors=5)
+
+    launch = cached_launch(_EAGER_LAUNCHES, key, build)
+    with on_device_of(x):
+        launch(x, norm_weight, qkv_weight, bias if bias is not None else y, y)
+    return y
+
+
 def rmsnorm_qkv(
     x: Tensor,
     norm_weight: Tensor,
@@ -309,6 +350,16 @@ def rmsnorm_qkv(
         (..., N) in x's dtype. CUDA tensors run the Triton kernels; CPU tensors run the same
         math in PyTorch, or the kernels in Triton's interpreter when TRITON_INTERPRET=1.
     """
+    if (
+        eager_launchable(x, norm_weight, qkv_weight, bias)
+        and x.is_contiguous()
+        and x.dtype in KERNEL_DTYPES
+        and streams_weights(x.numel() // max(x.shape[-1], 1), x.dtype)
+    ):
+        return _eager_decode(x, norm_weight, qkv_weight, bias, eps, norm_style)
     _check_inputs(x, norm_weight, qkv_weight, bias, norm_style)
     with on_device_of(x):
         return torch.ops.hf_fused.rmsnorm_qkv(x, norm_weight, qkv_weight, bias, eps, norm_style == "gemma")
+
+register_reference_backward("hf_fused::rmsnorm_qkv", lambda x, norm_weight, qkv_weight, bias, eps, gemma: rmsnorm_qkv_ref(
+    x, norm_weight, qkv_weight, bias, eps=eps, norm_style="gemma" if gemma else "llama"))

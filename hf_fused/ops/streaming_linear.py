@@ -24,13 +24,20 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
+from hf_fused.ops._autograd import register_reference_backward
 from hf_fused.ops._common import (
+    KERNEL_DTYPES,
+    EagerLaunch,
     _decode_split,
     _round_to,
     _weight_tile,
+    cached_launch,
     check_operands,
+    eager_launchable,
+    h200_tuned,
     on_device_of,
     runs_triton,
+    signature,
     triton_interpreter_enabled,
 )
 
@@ -45,8 +52,12 @@ class StreamConfig:
     rows_per_program: int | None
 
 
-def stream_config(N: int, K: int) -> StreamConfig:
-    """Heuristic read off benchmarks/tune_rmsnorm_qkv.py --op linear on an H100."""
+def stream_config(N: int, K: int, device: torch.device | None = None) -> StreamConfig:
+    """Heuristic read off benchmarks/tune_rmsnorm_qkv.py --op linear on an H100, and on an H200
+    (h200_tuned), where a long K (down_proj of a 70B) streams fastest in 1024-wide tiles on 8 warps."""
+    if h200_tuned(device):
+        return StreamConfig(BLOCK_K=1024, num_warps=8, rows_per_program=8) if K >= 16384 else \
+            StreamConfig(BLOCK_K=512, num_warps=4, rows_per_program=8)
     return StreamConfig(BLOCK_K=512, num_warps=4, rows_per_program=16 if N * K >= 4096 * 4096 else 8)
 
 
@@ -80,18 +91,24 @@ def _streaming_linear_kernel(
     tl.store(y_ptr + offs_n, _round_to(acc, y_ptr.dtype.element_ty, INTERPRETED), mask=n_mask)
 
 
+def stream_launch(
+    x: Tensor, weight: Tensor, bias: Tensor | None, y: Tensor, config: StreamConfig | None = None
+) -> tuple[tuple[int], tuple, dict]:
+    """The streaming kernel's grid, runtime arguments (the four tensors first) and
+    meta-parameters: x (K,) or (1, K), weight (N, K), y (N,) contiguous."""
+    N, K = weight.shape
+    config = config or stream_config(N, K, x.device)
+    rows_per_program, block_n, grid = _decode_split(N, config.rows_per_program, 1, x.device)
+    args = (x, weight, bias if bias is not None else y, y, N, K, rows_per_program, x.stride(-1), weight.stride(0), weight.stride(1))
+    meta = dict(HAS_BIAS=bias is not None, INTERPRETED=triton_interpreter_enabled(),
+                BLOCK_N=block_n, BLOCK_K=config.BLOCK_K, num_warps=config.num_warps)
+    return (grid,), args, meta
+
+
 def launch_stream(x: Tensor, weight: Tensor, bias: Tensor | None, y: Tensor, config: StreamConfig | None = None) -> None:
     """The streaming kernel: x (K,) or (1, K), weight (N, K), y (N,) contiguous."""
-    N, K = weight.shape
-    config = config or stream_config(N, K)
-    rows_per_program, block_n, grid = _decode_split(N, config.rows_per_program, 1, x.device)
-    wrap_triton(_streaming_linear_kernel)[(grid,)](
-        x, weight, bias if bias is not None else y, y,
-        N, K, rows_per_program,
-        x.stride(-1), weight.stride(0), weight.stride(1),
-        HAS_BIAS=bias is not None, INTERPRETED=triton_interpreter_enabled(),
-        BLOCK_N=block_n, BLOCK_K=config.BLOCK_K, num_warps=config.num_warps,
-    )
+    grid, args, meta = stream_launch(x, weight, bias, y, config)
+    wrap_triton(_streaming_linear_kernel)[grid](*args, **meta)
 
 
 def streams_weights(M: int) -> bool:
@@ -120,6 +137,24 @@ def _check_inputs(x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
         raise ValueError(f"bias must have shape ({weight.shape[0]},) to match weight, got {tuple(bias.shape)}")
 
 
+_EAGER_LAUNCHES: dict[tuple, EagerLaunch] = {}
+
+
+def _eager_stream(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """The streaming kernel launched from eager code, its launch resolved once per signature."""
+    y = x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+    def build() -> EagerLaunch:
+        _check_inputs(x, weight, bias)
+        grid, args, meta = stream_launch(x, weight, bias, y)
+        return EagerLaunch(_streaming_linear_kernel, grid, args, meta, n_tensors=4)
+
+    launch = cached_launch(_EAGER_LAUNCHES, signature(x, weight, bias), build)
+    with on_device_of(x):
+        launch(x, weight, bias if bias is not None else y, y)
+    return y
+
+
 def streaming_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``F.linear(x, weight, bias)``, with one token streamed through a Triton kernel.
 
@@ -132,6 +167,11 @@ def streaming_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> T
         (..., N) in x's dtype. One token on CUDA runs the streaming kernel, more tokens cuBLAS;
         CPU tensors run F.linear, or the kernel in Triton's interpreter when TRITON_INTERPRET=1.
     """
+    if eager_launchable(x, weight, bias) and x.dtype in KERNEL_DTYPES:
+        # More tokens are the op's F.linear: called here, it skips the op's dispatch.
+        return _eager_stream(x, weight, bias) if x.numel() == x.shape[-1] else F.linear(x, weight, bias)
     _check_inputs(x, weight, bias)
     with on_device_of(x):
         return torch.ops.hf_fused.streaming_linear(x, weight, bias)
+
+register_reference_backward("hf_fused::streaming_linear", F.linear)

@@ -7,7 +7,7 @@ q/k norms, sliding windows, softcap, scaling and the cache update are never rewr
 MLP: a gated MLP's forward becomes down_proj(rmsnorm_gate_up(x)); down_proj stays its own.
 
 o_proj and down_proj, which no norm feeds, become StreamingLinear modules holding the very same
-Parameters: streaming_linear instead of F.linear in compiled code, nothing else changed.
+Parameters: streaming_linear instead of F.linear, nothing else changed.
 
 Separate projections are stacked by rows into one weight owned by the fused module (stack_into);
 the originals keep no storage until unstack points them at rows of it again. Under tensor
@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, Shard
 
@@ -136,12 +135,6 @@ class StreamingLinear(nn.Module):
         self.register_parameter("bias", linear.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        # Eager calls keep F.linear. At one token the op call costs about 50 µs more host time
-        # than F.linear (docs/bench_streaming_linear.md, launch columns) to save 1 to 3 µs of
-        # GPU time, and eager decode is bound by host time. Compiled code (torch.compile, CUDA
-        # graphs) pays no host time per call: there the kernel runs.
-        if not torch.compiler.is_compiling():
-            return F.linear(x, self.weight, self.bias)
         return streaming_linear(x, self.weight, self.bias)
 
     def restored(self) -> nn.Linear:

@@ -1,0 +1,127 @@
+"""Where a step of transformers' own static-cache ``generate`` goes, unpatched and patched.
+
+    python benchmarks/profile_hf_static.py --shape llama3-8b --out out/
+
+``model.generate(..., cache_implementation="static")`` compiles the decode step itself
+(``mode="reduce-overhead"``, ``fullgraph=False``), and prefill runs uncompiled. For each
+variant (the stock model, then the same object patched) this reports:
+
+  graph breaks, graphs   torch._dynamo's counters over the warm-up runs: a break or a second
+                         graph in the decode step would split its CUDA graph
+  CUDA-graph skips       graphs that Inductor compiled but would not capture as CUDA graphs, so
+                         each kernel is launched from the host every step (--perf-hints prints why)
+  step µs                wall time per decode step: (time(N new) - time(1 new)) / (N - 1)
+  GPU busy µs            the CUDA kernels' time per decode step, from torch.profiler over one run
+  host-only µs           step minus GPU busy: what the GPU waits on per step (generate's Python,
+                         logits processors, stopping criteria, graph launch, the cache's guards)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.autograd import DeviceType
+from transformers import CompileConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import environment  # noqa: E402
+
+import hf_fused  # noqa: E402
+from hf_fused.models import SHAPES, build_random_model  # noqa: E402
+
+
+def static_generate(model, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    return model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
+        eos_token_id=None, pad_token_id=0, cache_implementation="static",
+        compile_config=CompileConfig(mode="reduce-overhead", dynamic=False),
+    )
+
+
+def wall_s(model, ids: torch.Tensor, new_tokens: int, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        static_generate(model, ids, new_tokens)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def gpu_busy_us(model, ids: torch.Tensor, new_tokens: int) -> tuple[float, float]:
+    """Kernel µs of a whole run and of its prefill-only run: their difference is the decode's."""
+    totals = []
+    for n in (new_tokens, 1):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            static_generate(model, ids, n)
+            torch.cuda.synchronize()
+        totals.append(sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA))
+    return totals[0], totals[1]
+
+
+def measure(model, ids: torch.Tensor, new_tokens: int, repeats: int) -> dict:
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    for n in (new_tokens, 1, new_tokens):  # compile, capture, and settle
+        static_generate(model, ids, n)
+    breaks = dict(counters["graph_break"])
+    graphs = counters["stats"]["unique_graphs"]
+    cudagraph_skips = counters["inductor"]["cudagraph_skips"]
+    full, prefill = wall_s(model, ids, new_tokens, repeats), wall_s(model, ids, 1, repeats)
+    step_us = (full - prefill) / (new_tokens - 1) * 1e6
+    busy_full, busy_prefill = gpu_busy_us(model, ids, new_tokens)
+    busy_us = (busy_full - busy_prefill) / (new_tokens - 1)
+    return {"graph_breaks": sum(breaks.values()), "graph_break_reasons": breaks, "unique_graphs": graphs,
+            "cudagraph_skips": cudagraph_skips,
+            "step_us": step_us, "tok_s": ids.shape[0] * 1e6 / step_us, "gpu_busy_us": busy_us,
+            "host_only_us": step_us - busy_us}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default="out")
+    parser.add_argument("--perf-hints", action="store_true", help="log Inductor's reasons for skipping CUDA graphs")
+    args = parser.parse_args()
+    if args.perf_hints:
+        torch._logging.set_logs(perf_hints=True)
+
+    model = build_random_model(args.shape, torch.bfloat16, "cuda")
+    model.generation_config.eos_token_id = None
+    ids = torch.randint(model.config.vocab_size, (args.batch, args.prompt_len), device="cuda")
+    rows = {"unpatched": measure(model, ids, args.new_tokens, args.repeats)}
+    hf_fused.patch_model(model)
+    rows["patched"] = measure(model, ids, args.new_tokens, args.repeats)
+
+    result = {**environment(), "shape": args.shape, "batch": args.batch, "prompt_len": args.prompt_len,
+              "new_tokens": args.new_tokens, "rows": rows}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"profile_hf_static_{args.shape}_b{args.batch}.json").write_text(json.dumps(result, indent=1))
+    print(f"\n{args.shape}, batch {args.batch}, prompt {args.prompt_len} + {args.new_tokens} new; generate("
+          f"cache_implementation='static'); {result['gpu']}, torch {result['torch']}, "
+          f"transformers {result['transformers']}, {result['date']}\n")
+    print("| variant | graph breaks | graphs | CUDA-graph skips | step µs | tok/s | GPU busy µs/step | host-only µs/step |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name, r in rows.items():
+        print(f"| {name} | {r['graph_breaks']} | {r['unique_graphs']} | {r['cudagraph_skips']} | {r['step_us']:.0f} | {r['tok_s']:.1f} "
+              f"| {r['gpu_busy_us']:.0f} | {r['host_only_us']:.0f} |")
+    for name, r in rows.items():
+        for reason, count in r["graph_break_reasons"].items():
+            print(f"{name}: graph break x{count}: {reason[:300]}")
+
+
+if __name__ == "__main__":
+    main()

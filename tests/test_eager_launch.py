@@ -1,0 +1,96 @@
+"""Eager decode calls skip the dispatcher and replay a resolved launch: the same output as the
+registered op, resolved once per signature, and never used where autograd must record."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+from hf_fused.ops import rmsnorm_gate_up, rmsnorm_qkv, streaming_linear
+
+# The package re-exports functions under the op modules' names.
+OP_MODULES = {name: importlib.import_module(f"hf_fused.ops.{name}") for name in ("rmsnorm_qkv", "rmsnorm_gate_up", "streaming_linear")}
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+EPS = 1e-5
+# (K, N): tiny under the interpreter, a real model's on the GPU.
+SHAPES = [(4096, 6144)] if CUDA else [(64, 96)]
+
+
+def operands(K: int, N: int, dtype: torch.dtype, M: int = 1, bias: bool = False):
+    generator = torch.Generator().manual_seed(K + N + M)
+    x = torch.randn(M, 1, K, generator=generator).to(DEVICE, dtype)
+    norm_weight = (torch.rand(K, generator=generator) + 0.5).to(DEVICE, dtype)
+    weight = (torch.randn(N, K, generator=generator) / K**0.5).to(DEVICE, dtype)
+    b = torch.randn(N, generator=generator).to(DEVICE, dtype) if bias else None
+    return x, norm_weight, weight, b
+
+
+def calls(x, norm_weight, weight, bias):
+    """Each op's eager call and its registered op, on the same operands."""
+    return {
+        "rmsnorm_qkv": (lambda: rmsnorm_qkv(x, norm_weight, weight, bias, eps=EPS),
+                        lambda: torch.ops.hf_fused.rmsnorm_qkv(x, norm_weight, weight, bias, EPS, False)),
+        "rmsnorm_gate_up": (lambda: rmsnorm_gate_up(x, norm_weight, weight, eps=EPS),
+                            lambda: torch.ops.hf_fused.rmsnorm_gate_up(x, norm_weight, weight, EPS, False, "silu")),
+        "streaming_linear": (lambda: streaming_linear(x, weight, bias),
+                             lambda: torch.ops.hf_fused.streaming_linear(x, weight, bias)),
+    }
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("K, N", SHAPES)
+@pytest.mark.parametrize("op", list(OP_MODULES))
+def test_eager_launch_matches_the_registered_op(op, K, N, dtype):
+    bias = op != "rmsnorm_gate_up"  # the gate/up op takes no bias
+    eager, registered = calls(*operands(K, N, dtype, bias=bias))[op]
+    launches = OP_MODULES[op]._EAGER_LAUNCHES
+    with torch.no_grad():
+        want = registered()
+        before = len(launches)
+        first, second = eager(), eager()
+    # The first call resolved one launch (or found one an earlier test resolved); the second reused it.
+    assert len(launches) in (before, before + 1)
+    assert torch.equal(first, want) and torch.equal(second, want)
+
+
+def test_a_new_signature_resolves_a_new_launch():
+    launches = OP_MODULES["rmsnorm_qkv"]._EAGER_LAUNCHES
+    K, N = SHAPES[0]
+    with torch.no_grad():
+        for dtype in (torch.float16, torch.bfloat16):
+            x, norm_weight, weight, _ = operands(K, N, dtype)
+            rmsnorm_qkv(x, norm_weight, weight, eps=EPS)
+        keys = {key for key in launches if key[0][0][0] == x.shape}
+        # One launch per dtype: a kernel compiled for one dtype never runs on another.
+        assert {key[0][0][2] for key in keys} >= {torch.float16, torch.bfloat16}
+        # A view at an odd element offset is not 16-byte aligned: its own launch, same result.
+        wide = torch.randn(1, 1, K + 1, device=DEVICE, dtype=torch.bfloat16)
+        shifted = wide[..., 1:]
+        assert shifted.data_ptr() % 16 != 0
+        got = rmsnorm_qkv(shifted, norm_weight.bfloat16(), weight.bfloat16(), eps=EPS)
+        want = torch.ops.hf_fused.rmsnorm_qkv(shifted, norm_weight.bfloat16(), weight.bfloat16(), None, EPS, False)
+    assert torch.equal(got, want)
+
+
+def test_autograd_takes_the_registered_op():
+    K, N = SHAPES[0]
+    x, norm_weight, weight, _ = operands(K, N, torch.float32)
+    weight.requires_grad_()
+    launches = OP_MODULES["rmsnorm_qkv"]._EAGER_LAUNCHES
+    launches.clear()
+    y = rmsnorm_qkv(x, norm_weight, weight, eps=EPS)
+    assert not launches, "a call autograd must record took the eager launch"
+    y.sum().backward()
+    assert weight.grad is not None and weight.grad.shape == weight.shape
+
+
+def test_eager_launch_checks_its_inputs_once_resolved_for_a_bad_signature():
+    K, N = SHAPES[0]
+    x, norm_weight, weight, _ = operands(K, N, torch.bfloat16)
+    with torch.no_grad(), pytest.raises(ValueError, match="norm_weight must have shape"):
+        rmsnorm_qkv(x, norm_weight[:-1], weight, eps=EPS)
+    with torch.no_grad(), pytest.raises(ValueError, match="gate_up_weight must have shape"):
+        rmsnorm_gate_up(x, norm_weight, weight[:-1], eps=EPS)
