@@ -76,7 +76,8 @@ def test_generate_streams_tokens(capsys, extra):
 
 ROOT = EXAMPLES.parent
 # The README's tokens-per-second tables and the runs they come from (--table reprints a run's JSON).
-README_TPS_RUNS = ["tps_smollm2-135m_h100.json", "tps_llama3-8b_tp2_h100.json", "tps_llama3-8b_device-map2_h100.json"]
+README_TPS_RUNS = ["tps_smollm2-135m_h100.json", "tps_llama3-8b_tp2_h100.json", "tps_llama3-8b_device-map2_h100.json",
+                   "h200/tps_llama3-8b_eager_liger_h200.json", "h200/tps_smollm2-135m_eager_liger_h200.json"]
 
 
 @pytest.mark.parametrize("run", README_TPS_RUNS)
