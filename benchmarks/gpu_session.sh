@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The GPU checks of the open work, in stages that each fit one 10-minute call of a GPU machine
+# with no network. Each stage writes its outputs under $OUT (./out without it) as it goes, and
+# bounds every step with a timeout, so a stage that runs long still returns what it measured.
+#
+#   bash benchmarks/gpu_session.sh tests     # the GPU tests
+#   bash benchmarks/gpu_session.sh static    # why static-cache generate is slower patched
+#   bash benchmarks/gpu_session.sh tps       # tokens/s: eager, hf-static, fast-loop, Liger, sampling
+#   bash benchmarks/gpu_session.sh ops       # the op benchmarks with their peers
+#
+# Liger-Kernel comes from a wheel in .whl/ (pip download --no-deps liger-kernel==0.8.5 -d .whl),
+# carried with the call. Keep sweeps small: a Triton config with a large fp32 tile can keep
+# ptxas busy for minutes (benchmarks/tune_rmsnorm_qkv.py caps them).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${OUT:-out}"
+mkdir -p "$out"
+export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+start=$(date +%s)
+step() {  # step SECONDS LOGNAME COMMAND...: run it bounded, log it, and say how long it took
+    local limit=$1 log=$2
+    shift 2
+    timeout "$limit" "$@" 2>&1 | tee "$out/$log"
+    echo "[$(($(date +%s) - start)) s] $log: exit ${PIPESTATUS[0]}" | tee -a "$out/steps.txt"
+}
+
+case "${1:-}" in
+tests)
+    step 500 tests.txt python3 -m pytest -q -p no:cacheprovider -x tests/test_eager_launch.py tests/test_ops.py \
+        tests/test_ops_gate_up.py tests/test_ops_streaming_linear.py tests/test_patch_gpu.py tests/test_models.py \
+        tests/test_generation.py
+    ;;
+static)
+    step 400 static.txt python3 benchmarks/profile_hf_static.py --perf-hints --shape llama3-8b --new-tokens 32 \
+        --repeats 2 --out "$out"
+    ;;
+tps)
+    if ls .whl/*.whl >/dev/null 2>&1; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl &&
+            export PYTHONPATH="$PYTHONPATH:/tmp/site"
+    fi
+    step 280 tps_8b.txt python3 examples/compare_tps.py --shape llama3-8b --modes eager,hf-static,fast-loop \
+        --batch-sizes 1 --new-tokens 64 --repeats 2 --out "$out"
+    step 150 tps_8b_sampled.txt python3 examples/compare_tps.py --shape llama3-8b --modes fast-loop --batch-sizes 1 \
+        --new-tokens 64 --repeats 2 --peers none --do-sample --temperature 0.7 --top-p 0.9 --out "$out"
+    step 150 tps_smollm2.txt python3 examples/compare_tps.py --shape smollm2-135m --modes eager,hf-static,fast-loop \
+        --batch-sizes 1,4 --new-tokens 64 --repeats 2 --out "$out"
+    ;;
+ops)
+    for op in rmsnorm_qkv rmsnorm_gate_up streaming_linear; do
+        step 180 "bench_$op.txt" python3 "benchmarks/bench_$op.py" --out "$out"
+    done
+    ;;
+*)
+    echo "usage: bash benchmarks/gpu_session.sh tests|static|tps|ops" >&2
+    exit 2
+    ;;
+esac
