@@ -109,7 +109,7 @@ def device_name(device: torch.device) -> str:
 
 def h200_tuned(device: torch.device | None) -> bool:
     """Whether the one-token kernels take their H200 tune (benchmarks/tune_rmsnorm_qkv.py, run on
-    an H200: docs/tune_h200.md). An H200 streams 1.4x an H100's bytes through the same 132 SMs,
+    an H200: docs/h200/README.md). An H200 streams 1.4x an H100's bytes through the same 132 SMs,
     and there half the rows per program (twice the programs in flight) measured fastest."""
     return device is not None and device_name(device).startswith("NVIDIA H200")
 
@@ -220,8 +220,9 @@ def launch_norm(x, norm_weight, y, eps: float, gemma: bool) -> None:
 
 
 # Eager launches. An eager call of a registered op pays torch's custom-op dispatch, then
-# Triton's launcher binds and specializes every argument again: about 110 µs of host time per
-# call on the H200, against some 15 µs of GPU time for a decode step's projection. Eager decode
+# Triton's launcher binds and specializes every argument again: 110 to 130 µs of host time per
+# call on the H200 (docs/h200/README.md), against some 15 µs of GPU time for a decode step's
+# projection. Eager decode
 # is bound by that host time. So eager decode calls (no autograd, not traced) skip the dispatcher
 # and replay a kernel that Triton compiled on the first call of the same signature.
 
@@ -255,7 +256,6 @@ class EagerLaunch:
 
     def __init__(self, kernel, grid: tuple[int, ...], args: tuple, meta: dict, n_tensors: int) -> None:
         self.kernel, self.grid, self.meta = kernel, grid, meta
-        self.n_tensors = n_tensors
         self.fixed = args[n_tensors:]
         names = kernel.arg_names[len(args) :]
         # The compiled launcher takes every parameter, constexprs too, positionally.

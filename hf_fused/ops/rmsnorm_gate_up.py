@@ -189,7 +189,7 @@ def rmsnorm_gate_up_2d(
     return ACTIVATIONS[activation](gate) * up
 
 
-# Eager calls and torch.compile both go through the registered op, as rmsnorm_qkv's do.
+# Traced, autograd and other eager calls go through the registered op, as rmsnorm_qkv's do.
 @triton_op("hf_fused::rmsnorm_gate_up", mutates_args=())
 def _rmsnorm_gate_up_op(
     x: Tensor, norm_weight: Tensor, gate_up_weight: Tensor, eps: float, gemma: bool, activation: str

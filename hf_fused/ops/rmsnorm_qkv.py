@@ -282,9 +282,9 @@ def rmsnorm_qkv_2d(
     return F.linear(normed, qkv_weight, bias)
 
 
-# Eager calls go through the registered op too: it launches the kernels directly, while the
-# bare body's wrap_triton launch would take the tracing path, 3x the host time per call
-# (benchmarks/host_overhead.py). torch.compile traces the op without a graph break.
+# torch.compile traces the registered op without a graph break, and autograd records it. Eager
+# decode calls skip it (_eager_decode); other eager calls go through it rather than calling the
+# body bare, whose wrap_triton launch would take torch's tracing path at 3x the host time.
 @triton_op("hf_fused::rmsnorm_qkv", mutates_args=())
 def _rmsnorm_qkv_op(
     x: Tensor, norm_weight: Tensor, qkv_weight: Tensor, bias: Tensor | None, eps: float, gemma: bool

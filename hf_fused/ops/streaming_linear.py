@@ -116,7 +116,7 @@ def streams_weights(M: int) -> bool:
     return M == 1
 
 
-# Eager calls and torch.compile both go through the registered op, as rmsnorm_qkv's do.
+# Traced, autograd and other eager calls go through the registered op, as rmsnorm_qkv's do.
 @triton_op("hf_fused::streaming_linear", mutates_args=())
 def _streaming_linear_op(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     K = x.shape[-1]
