@@ -18,6 +18,7 @@ from torch.distributed.tensor import DTensor
 
 from hf_fused.ops import rmsnorm_ref
 from hf_fused.ops.rmsnorm_gate_up import ACTIVATIONS
+from hf_fused.patches.attention import attention_problem, restore_attention, use_decode_attention, uses_decode_attention
 from hf_fused.patches.fused import (
     FusedAway,
     FusedNorm,
@@ -75,10 +76,11 @@ KINDS = {
 
 # fuse="gemv": the projections that no norm feeds, as (the layer's child, its projection).
 STREAMED = (("self_attn", "o_proj"), ("mlp", "down_proj"))
-FUSIONS = (*KINDS, "gemv")
-# All of them: on an H100 each helped a CUDA-graph decode of the Llama-3-8B shape at batch 1, 4
-# and 16 (README, "Measured speed").
-DEFAULT_FUSE = FUSIONS
+# On an H100 each helped a CUDA-graph decode of the Llama-3-8B shape at batch 1, 4 and 16
+# (README, "Measured speed").
+DEFAULT_FUSE = (*KINDS, "gemv")
+# fuse="attention" (patches/attention.py) is opt-in: it has not been measured on a GPU yet.
+FUSIONS = (*DEFAULT_FUSE, "attention")
 
 
 @dataclass
@@ -177,8 +179,8 @@ def _streamed(layer: nn.Module, skipped: dict[str, int]) -> list[tuple[nn.Module
     return found
 
 
-def _plan(model: nn.Module, fuse: tuple[str, ...]) -> tuple[str, FamilySpec, list[_Fusion], list[tuple[nn.Module, str]]]:
-    """Find and check every decoder layer before anything is touched.
+def _plan(model: nn.Module, fuse: tuple[str, ...]) -> tuple[str, FamilySpec, list[_Fusion], list[tuple[nn.Module, str]], bool]:
+    """Find and check every decoder layer (and whether the attention can be chosen) before anything is touched.
 
     A layer that can't take the QKV fusion is an error; an MLP that can't (MoE experts, biases,
     another activation), or a projection that can't stream, stays as it is, logged once per reason.
@@ -215,16 +217,19 @@ def _plan(model: nn.Module, fuse: tuple[str, ...]) -> tuple[str, FamilySpec, lis
                 reason = f"mlp ({cls.__name__}) computes other than down_proj(act(gate) * up), act silu or gelu_tanh"
                 skipped[reason] = skipped.get(reason, 0) + 1
     fusions = [f for f in fusions if f.kind == "qkv" or f.activation is not None]
+    attention = "attention" in fuse and (problem := attention_problem(model)) is None
+    if "attention" in fuse and not attention:
+        skipped[f"attention: {problem}"] = n_layers
     for reason, count in skipped.items():
         logger.warning("hf_fused: left as it is in %d of %d %s layers: %s", count, n_layers, model_type, reason)
-    if not fusions and not streamed:
+    if not fusions and not streamed and not attention:
         raise UnsupportedModelError(f"nothing to fuse in this {model_type} model: {'; '.join(skipped)}")
     for norm in {type(f.norm): f.norm for f in fusions}.values():
         if not _computes_norm_style(norm, spec.norm_style):
             raise UnsupportedModelError(
                 f"{type(norm).__name__} in this {model_type} model does not compute a {spec.norm_style}-style RMSNorm"
             )
-    return model_type, spec, fusions, streamed
+    return model_type, spec, fusions, streamed, attention
 
 
 def _probe(weight: Tensor) -> Tensor:
@@ -316,12 +321,14 @@ _PATCH_MODULES = (FusedNorm, StreamingLinear)
 
 
 def _patched_with(model: nn.Module) -> tuple[str, ...]:
-    return next(m.fuse for m in model.modules() if isinstance(m, _PATCH_MODULES))
+    return next((m.fuse for m in model.modules() if isinstance(m, _PATCH_MODULES)), ("attention",))
 
 
 def is_patched(model: nn.Module) -> bool:
     """Whether patch_model has put fused modules into ``model``."""
-    return isinstance(model, nn.Module) and any(isinstance(m, _PATCH_MODULES) for m in model.modules())
+    return isinstance(model, nn.Module) and (
+        uses_decode_attention(model) or any(isinstance(m, _PATCH_MODULES) for m in model.modules())
+    )
 
 
 def patch_model(model: nn.Module, *, verify: bool = False, fuse: tuple[str, ...] = DEFAULT_FUSE) -> nn.Module:
@@ -336,9 +343,12 @@ def patch_model(model: nn.Module, *, verify: bool = False, fuse: tuple[str, ...]
         the same Parameters: hf_fused.ops.streaming_linear, a weight-streaming GEMV at one token,
         cuBLAS for more. Projections that are not plain nn.Linear, tensor-parallel or hooked
         stay as they are, logged.
-    The default is all three, each measured to help a compiled (CUDA-graph) decode on a GPU.
-    Eager decode is bound by host time, where each op call costs more than the cuBLAS calls it
-    replaces: there a patched model is slower (README, "Measured speed").
+      - "attention" (opt-in, not yet measured on a GPU): attention of up to 16 query tokens over
+        the cache runs hf_fused.ops.decode_attention, chosen on this model's config under a new
+        attention name; everything else (prefill, softcap, sliding window, ...) stays sdpa's.
+        Only for a model that runs transformers' "sdpa" attention (patches/attention.py).
+    The default is the first three, each measured to help a compiled (CUDA-graph) decode on a GPU,
+    and together eager ``generate`` (README, "Measured speed").
 
     Raises UnsupportedModelError, with the model untouched, for families or layers it can't
     patch exactly. A second call with the same ``fuse`` is a no-op; with another it raises
@@ -350,7 +360,7 @@ def patch_model(model: nn.Module, *, verify: bool = False, fuse: tuple[str, ...]
         if _patched_with(model) != fuse:
             raise ValueError(f"model is patched with fuse={_patched_with(model)}; unpatch_model it before fuse={fuse}")
         return model
-    model_type, spec, fusions, streamed = _plan(model, fuse)
+    model_type, spec, fusions, streamed, attention = _plan(model, fuse)
     try:
         for fusion in fusions:
             _apply(fusion, spec, fuse)
@@ -358,11 +368,14 @@ def patch_model(model: nn.Module, *, verify: bool = False, fuse: tuple[str, ...]
             module = StreamingLinear(getattr(parent, name)).train(parent.training)
             module.fuse = fuse
             setattr(parent, name, module)
+        if attention:
+            use_decode_attention(model)
     except BaseException:
         unpatch_model(model)
         raise
     counts = [f"{kind} in {sum(f.kind == kind for f in fusions)} layers" for kind in KINDS if kind in fuse]
-    counts = ", ".join(counts + ([f"gemv in {len(streamed)} projections"] if "gemv" in fuse else []))
+    counts = ", ".join(counts + ([f"gemv in {len(streamed)} projections"] if "gemv" in fuse else [])
+                       + (["decode attention"] if attention else []))
     logger.info("hf_fused: fused %s of a %s model", counts, model_type)
     if verify:
         report = verify_patch(model, _probe_ids(model))
@@ -373,7 +386,7 @@ def patch_model(model: nn.Module, *, verify: bool = False, fuse: tuple[str, ...]
 
 
 def unpatch_model(model: nn.Module) -> nn.Module:
-    """Put the original modules and forwards back, in place; weights are bit-identical."""
+    """Put the original modules, forwards and attention implementation back, in place; weights are bit-identical."""
     found = [(m, k.attr) for m in model.modules() for k in KINDS.values() if isinstance(m._modules.get(k.attr), FusedNorm)]
     for parent, attr in found:
         _unapply(parent, attr)
@@ -382,6 +395,7 @@ def unpatch_model(model: nn.Module) -> nn.Module:
         setattr(parent, name, getattr(parent, name).restored())
     if found or streamed:
         logger.info("hf_fused: unpatched %d fused modules", len(found) + len(streamed))
+    restore_attention(model)
     return model
 
 
