@@ -6,7 +6,7 @@
 #   bash benchmarks/gpu_session.sh tests     # the GPU tests
 #   bash benchmarks/gpu_session.sh static    # why static-cache generate is slower patched
 #   bash benchmarks/gpu_session.sh tps       # tokens/s: eager, hf-static, fast-loop, Liger, sampling
-#   bash benchmarks/gpu_session.sh ops       # the op benchmarks with their peers
+#   bash benchmarks/gpu_session.sh ops       # the op benchmarks with their peers, decode attention too
 #
 # Liger-Kernel comes from a wheel in .whl/ (pip download --no-deps liger-kernel==0.8.5 -d .whl),
 # carried with the call. Keep sweeps small: a Triton config with a large fp32 tile can keep
@@ -28,7 +28,7 @@ case "${1:-}" in
 tests)
     step 500 tests.txt python3 -m pytest -q -p no:cacheprovider -x tests/test_eager_launch.py tests/test_ops.py \
         tests/test_ops_gate_up.py tests/test_ops_streaming_linear.py tests/test_patch_gpu.py tests/test_models.py \
-        tests/test_generation.py
+        tests/test_generation.py tests/test_decode_attention.py
     ;;
 static)
     step 400 static.txt python3 benchmarks/profile_hf_static.py --perf-hints --shape llama3-8b --new-tokens 32 \
@@ -47,7 +47,7 @@ tps)
         --batch-sizes 1,4 --new-tokens 64 --repeats 2 --out "$out"
     ;;
 ops)
-    for op in rmsnorm_qkv rmsnorm_gate_up streaming_linear; do
+    for op in rmsnorm_qkv rmsnorm_gate_up streaming_linear decode_attention; do
         step 180 "bench_$op.txt" python3 "benchmarks/bench_$op.py" --out "$out"
     done
     ;;

@@ -87,7 +87,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per cell; the median is reported")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fuse", default=",".join(DEFAULT_FUSE),
-                        help="comma list of the fusions patch_model applies: qkv, mlp, gemv (default: all)")
+                        help="comma list of the fusions patch_model applies: qkv, mlp, gemv (the default), "
+                             "attention (opt-in)")
     parser.add_argument("--peers", choices=("liger", "none"),
                         help="peer system measured in the same run, after unpatched and patched: liger "
                              "(Liger-Kernel 0.8.5) or none; default: liger if liger-kernel is installed")
