@@ -228,10 +228,13 @@ def launch_norm(x, norm_weight, y, eps: float, gemma: bool) -> None:
 
 
 def eager_launchable(x: Tensor, *tensors: Tensor | None) -> bool:
-    """Whether a call may take an EagerLaunch: eager CUDA code with no autograd graph to record."""
+    """Whether a call may take an EagerLaunch: eager CUDA code in a kernel dtype, with no autograd
+    graph to record."""
     # Traced code takes the registered op; under the interpreter, real CPU tensors take this
     # path too, so that CI runs it.
     if torch.compiler.is_compiling() or not (x.is_cuda or (x.device.type == "cpu" and triton_interpreter_enabled())):
+        return False
+    if x.dtype not in KERNEL_DTYPES:
         return False
     return not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (x, *tensors))
 

@@ -38,7 +38,6 @@ from torch.library import triton_op, wrap_triton
 
 from hf_fused.ops._autograd import register_reference_backward
 from hf_fused.ops._common import (
-    KERNEL_DTYPES,
     EagerLaunch,
     _decode_split,
     _kernel_flags,
@@ -261,7 +260,6 @@ def rmsnorm_gate_up(
     if (
         eager_launchable(x, norm_weight, gate_up_weight)
         and x.is_contiguous()
-        and x.dtype in KERNEL_DTYPES
         and x.numel() == x.shape[-1]
     ):
         return _eager_decode(x, norm_weight, gate_up_weight, eps, norm_style, activation)

@@ -31,7 +31,6 @@ from torch.library import triton_op, wrap_triton
 
 from hf_fused.ops._autograd import register_reference_backward
 from hf_fused.ops._common import (
-    KERNEL_DTYPES,
     EagerLaunch,
     _decode_split,
     _dot,
@@ -353,7 +352,6 @@ def rmsnorm_qkv(
     if (
         eager_launchable(x, norm_weight, qkv_weight, bias)
         and x.is_contiguous()
-        and x.dtype in KERNEL_DTYPES
         and streams_weights(x.numel() // max(x.shape[-1], 1), x.dtype)
     ):
         return _eager_decode(x, norm_weight, qkv_weight, bias, eps, norm_style)

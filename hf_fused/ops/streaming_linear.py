@@ -26,7 +26,6 @@ from torch.library import triton_op, wrap_triton
 
 from hf_fused.ops._autograd import register_reference_backward
 from hf_fused.ops._common import (
-    KERNEL_DTYPES,
     EagerLaunch,
     _decode_split,
     _round_to,
@@ -167,7 +166,7 @@ def streaming_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> T
         (..., N) in x's dtype. One token on CUDA runs the streaming kernel, more tokens cuBLAS;
         CPU tensors run F.linear, or the kernel in Triton's interpreter when TRITON_INTERPRET=1.
     """
-    if eager_launchable(x, weight, bias) and x.dtype in KERNEL_DTYPES:
+    if eager_launchable(x, weight, bias):
         # More tokens are the op's F.linear: called here, it skips the op's dispatch.
         return _eager_stream(x, weight, bias) if x.numel() == x.shape[-1] else F.linear(x, weight, bias)
     _check_inputs(x, weight, bias)
