@@ -4,9 +4,11 @@
 # bounds every step with a timeout, so a stage that runs long still returns what it measured.
 #
 #   bash benchmarks/gpu_session.sh tests     # the GPU tests
-#   bash benchmarks/gpu_session.sh static    # why static-cache generate is slower patched
+#   bash benchmarks/gpu_session.sh static    # why static-cache generate is slower patched, with Inductor's code
 #   bash benchmarks/gpu_session.sh tps       # tokens/s: eager, hf-static, fast-loop, Liger, sampling
 #   bash benchmarks/gpu_session.sh ops       # the op benchmarks with their peers, decode attention too
+#   bash benchmarks/gpu_session.sh tune      # the QKV kernel's config sweep at M = 16
+#   bash benchmarks/gpu_session.sh ncu       # Nsight Compute on the 8B one-token QKV kernel
 #
 # Liger-Kernel comes from a wheel in .whl/ (pip download --no-deps liger-kernel==0.8.5 -d .whl),
 # carried with the call. Keep sweeps small: a Triton config with a large fp32 tile can keep
@@ -31,8 +33,22 @@ tests)
         tests/test_generation.py tests/test_decode_attention.py
     ;;
 static)
-    step 400 static.txt python3 benchmarks/profile_hf_static.py --perf-hints --shape llama3-8b --new-tokens 32 \
+    # SmolLM2's shape compiles in seconds and shows the same patched slowdown as the 8B shape.
+    # Inductor's generated code (the wrapper that launches each kernel or CUDA graph) comes back
+    # as inductor_code.tgz.
+    export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor_cache
+    step 240 static.txt python3 benchmarks/profile_hf_static.py --perf-hints --shape smollm2-135m --new-tokens 32 \
         --repeats 2 --out "$out"
+    find "$TORCHINDUCTOR_CACHE_DIR" -name '*.py' -size +40k | tar czf "$out/inductor_code.tgz" -T -
+    ;;
+tune)
+    step 240 tune_qkv_m16.txt python3 benchmarks/tune_rmsnorm_qkv.py --ms 16 --shapes llama3-8b,llama3-70b \
+        --out "$out/tune_qkv_m16.json"
+    ;;
+ncu)
+    step 120 ncu_qkv_8b.txt ncu --clock-control none -k regex:rmsnorm_qkv --launch-skip 3 --launch-count 1 \
+        --section SpeedOfLight --section MemoryWorkloadAnalysis --section LaunchStats --section Occupancy \
+        --section WarpStateStats --section SchedulerStats python3 benchmarks/ncu_target.py --op rmsnorm_qkv --m 1
     ;;
 tps)
     if ls .whl/*.whl >/dev/null 2>&1; then
@@ -52,7 +68,7 @@ ops)
     done
     ;;
 *)
-    echo "usage: bash benchmarks/gpu_session.sh tests|static|tps|ops" >&2
+    echo "usage: bash benchmarks/gpu_session.sh tests|static|tps|ops|tune|ncu" >&2
     exit 2
     ;;
 esac

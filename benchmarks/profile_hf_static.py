@@ -14,6 +14,10 @@ variant (the stock model, then the same object patched) this reports:
   GPU busy µs            the CUDA kernels' time per decode step, from torch.profiler over one run
   host-only µs           step minus GPU busy: what the GPU waits on per step (generate's Python,
                          logits processors, stopping criteria, graph launch, the cache's guards)
+  graph / kernel launches  host calls per decode step that replay a CUDA graph or launch one
+                         kernel: one graph replay and no kernel launch is a whole-step graph;
+                         more graphs mean Inductor partitioned the step around ops it would not
+                         capture, and each piece then costs its own host time
 """
 
 from __future__ import annotations
@@ -55,15 +59,28 @@ def wall_s(model, ids: torch.Tensor, new_tokens: int, repeats: int) -> float:
     return statistics.median(times)
 
 
-def gpu_busy_us(model, ids: torch.Tensor, new_tokens: int) -> tuple[float, float]:
-    """Kernel µs of a whole run and of its prefill-only run: their difference is the decode's."""
-    totals = []
-    for n in (new_tokens, 1):
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            static_generate(model, ids, n)
-            torch.cuda.synchronize()
-        totals.append(sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA))
-    return totals[0], totals[1]
+GRAPH_LAUNCHES = ("cudaGraphLaunch",)
+KERNEL_LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
+
+
+def profiled_run(model, ids: torch.Tensor, new_tokens: int) -> dict:
+    """Kernel µs, graph replays and kernel launches of one run, from torch.profiler."""
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        static_generate(model, ids, new_tokens)
+        torch.cuda.synchronize()
+    events = prof.events()
+    return {
+        "gpu_us": sum(e.time_range.elapsed_us() for e in events if e.device_type == DeviceType.CUDA),
+        "graph_launches": sum(e.name in GRAPH_LAUNCHES for e in events),
+        "kernel_launches": sum(e.name in KERNEL_LAUNCHES for e in events),
+    }
+
+
+def per_decode_step(model, ids: torch.Tensor, new_tokens: int) -> dict:
+    """profiled_run's counts per decode step: a whole run's minus its prefill-only run's."""
+    full, prefill = profiled_run(model, ids, new_tokens), profiled_run(model, ids, 1)
+    return {name: (full[name] - prefill[name]) / (new_tokens - 1) for name in full}
 
 
 def measure(model, ids: torch.Tensor, new_tokens: int, repeats: int) -> dict:
@@ -77,12 +94,12 @@ def measure(model, ids: torch.Tensor, new_tokens: int, repeats: int) -> dict:
     cudagraph_skips = counters["inductor"]["cudagraph_skips"]
     full, prefill = wall_s(model, ids, new_tokens, repeats), wall_s(model, ids, 1, repeats)
     step_us = (full - prefill) / (new_tokens - 1) * 1e6
-    busy_full, busy_prefill = gpu_busy_us(model, ids, new_tokens)
-    busy_us = (busy_full - busy_prefill) / (new_tokens - 1)
+    step = per_decode_step(model, ids, new_tokens)
     return {"graph_breaks": sum(breaks.values()), "graph_break_reasons": breaks, "unique_graphs": graphs,
             "cudagraph_skips": cudagraph_skips,
-            "step_us": step_us, "tok_s": ids.shape[0] * 1e6 / step_us, "gpu_busy_us": busy_us,
-            "host_only_us": step_us - busy_us}
+            "step_us": step_us, "tok_s": ids.shape[0] * 1e6 / step_us, "gpu_busy_us": step["gpu_us"],
+            "host_only_us": step_us - step["gpu_us"], "graph_launches": step["graph_launches"],
+            "kernel_launches": step["kernel_launches"]}
 
 
 def main() -> None:
@@ -113,11 +130,12 @@ def main() -> None:
     print(f"\n{args.shape}, batch {args.batch}, prompt {args.prompt_len} + {args.new_tokens} new; generate("
           f"cache_implementation='static'); {result['gpu']}, torch {result['torch']}, "
           f"transformers {result['transformers']}, {result['date']}\n")
-    print("| variant | graph breaks | graphs | CUDA-graph skips | step µs | tok/s | GPU busy µs/step | host-only µs/step |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| variant | graph breaks | graphs | CUDA-graph skips | step µs | tok/s | GPU busy µs/step | host-only µs/step "
+          "| graph replays/step | kernel launches/step |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, r in rows.items():
         print(f"| {name} | {r['graph_breaks']} | {r['unique_graphs']} | {r['cudagraph_skips']} | {r['step_us']:.0f} | {r['tok_s']:.1f} "
-              f"| {r['gpu_busy_us']:.0f} | {r['host_only_us']:.0f} |")
+              f"| {r['gpu_busy_us']:.0f} | {r['host_only_us']:.0f} | {r['graph_launches']:.1f} | {r['kernel_launches']:.1f} |")
     for name, r in rows.items():
         for reason, count in r["graph_break_reasons"].items():
             print(f"{name}: graph break x{count}: {reason[:300]}")

@@ -55,10 +55,12 @@ def candidate_configs(M: int, K: int, accumulators: int = 1) -> list:
         if M == 1:  # CUDA cores, hand double-buffered: num_stages has no pipelined loop to act on
             return [DecodeConfig(1, bk, wide_norm, w, 1, r // accumulators) for r, bk, w in ONE_TOKEN_GRID
                     if r * bk <= MAX_TILE]
-        # Tensor cores: num_stages is how many weight tiles the pipeliner keeps in flight.
+        # Tensor cores: num_stages is how many weight tiles the pipeliner keeps in flight. Rows
+        # per program None gives every SM one equal share (no partial last wave); the norm's
+        # block sets how many serial loads the row reduction takes before the stream starts.
         block_m = max(16, 1 << (M - 1).bit_length())
-        grid = itertools.product([128, 256], [4, 8], [3, 5], [32, 64])
-        return [DecodeConfig(block_m, bk, 128, w, s, r) for bk, w, s, r in grid]
+        grid = itertools.product([128, 256], [4, 8], [4], [16, 32, 64, None], [128, 512])
+        return [DecodeConfig(block_m, bk, nbk, w, s, r) for bk, w, s, r, nbk in grid if block_m * nbk <= MAX_TILE]
     grid = itertools.product([64, 128], [64, 128, 256], [32, 64, 128], [4, 8], [3, 4])
     return [GemmConfig(bm, bn, bk, w, s) for bm, bn, bk, w, s in grid if bm * bk + bn * bk <= 256 * 64]
 

@@ -40,8 +40,9 @@ class _State:
     cache_key: tuple[Any, ...] = ()
     cache_len: int = 0
     sampling: SamplingParams | None = None
-    # Keyed by (compiled, filters): filters is None for greedy, else which of top-k and top-p run.
-    steps: dict[tuple[bool, tuple[bool, bool] | None], Callable[..., Tensor]] = field(default_factory=dict)
+    # Keyed by (compiled, filters): filters is None for greedy, else SamplingParams.filters, the
+    # top-k candidate count (0: no top-k) and whether top-p runs.
+    steps: dict[tuple[bool, tuple[int, bool] | None], Callable[..., Tensor]] = field(default_factory=dict)
 
 
 # The state lives on the model, not in a global table: its compiled step refers to the model, so
@@ -199,7 +200,7 @@ def generate(
     cache = _get_cache(model, state, batch, prompt_len + max_new_tokens, dtype)
     sampling = _get_sampling(state, device, temperature, top_k, top_p, generator, seed) if do_sample else None
     # Each kind of step is its own compiled function: greedy stays the plain argmax graph, and
-    # a graph with the top-k/top-p sort runs only when they are asked for.
+    # a graph with the top-k/top-p filtering runs only when they are asked for.
     step_key = (compiled, None if sampling is None else sampling.filters)
     if step_key not in state.steps:
         state.steps[step_key] = _make_step(model, state, compiled)

@@ -184,6 +184,57 @@ def test_draws_follow_transformers_distribution(temperature, top_k, top_p):
     assert_draws_follow(tokens, transformers_probs(logits[None], temperature, top_k, top_p)[0])
 
 
+# With top-k on, sample filters and draws on topk's candidates only: top-k alone and with top-p,
+# top_k=1, a top_k close to its cap (126 of 128), and one above the vocabulary.
+CANDIDATE_SETTINGS = [(1.0, 1, 1.0), (0.7, 50, 1.0), (0.7, 50, 0.9), (1.3, 5, 0.5), (0.9, 126, 0.95),
+                      (1.0, 2000, 0.8)]
+
+
+def full_vocabulary(cand_scores, cand_ids, vocab):
+    """The candidates' scores put back at their token ids, -inf elsewhere, as filter_scores gives them."""
+    return torch.full((cand_scores.shape[0], vocab), float("-inf")).scatter(-1, cand_ids, cand_scores)
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", CANDIDATE_SETTINGS)
+def test_candidates_draw_what_the_full_sort_draws(temperature, top_k, top_p):
+    """The same filtered scores, and so, with noise for the candidates' ids only, the same tokens
+    as the full-vocabulary path for every key and position."""
+    batch, vocab = 8, 1000
+    logits = torch.randn(batch, vocab, generator=torch.Generator().manual_seed(4)) * 3
+    first_position = torch.arange(batch).view(batch, 1) * 37
+    token_ids = torch.arange(vocab)
+    for seed in range(20):
+        params = sampling_params(temperature, top_k, top_p, seed)
+        full_scores = sampling.filter_scores(logits, params)
+        assert torch.equal(full_vocabulary(*sampling.filter_candidates(logits, params), vocab), full_scores)
+        for step in range(5):
+            position = first_position + step
+            expected = (full_scores + sampling.gumbel_noise(params.key, position, token_ids)).argmax(dim=-1)
+            assert torch.equal(sampling.sample(logits, position, params), expected)
+
+
+def test_candidates_keep_ties_with_the_kth_score():
+    logits = torch.randn(2, 1000, generator=torch.Generator().manual_seed(5))
+    logits[:, :30] = logits.topk(10).values[:, -1:]  # ties with the 10th largest, within the cap of 64
+    params = sampling_params(1.0, 10, 1.0)
+    kept = full_vocabulary(*sampling.filter_candidates(logits, params), 1000).isfinite()
+    assert (kept.sum(dim=-1) > 10).all()
+    assert torch.equal(kept, transformers_probs(logits, 1.0, 10, 1.0) > 0)
+
+
+def test_top_k_cap_picks_the_step(model, ids):
+    """A top_k under the same cap reuses the step (top_k is a tensor); one beyond it gets its own."""
+    generation.reset(model)
+    settings = dict(do_sample=True, temperature=0.7, top_p=0.9, seed=0)
+    steps = lambda: set(getattr(model, generation._STATE_ATTR).steps)  # noqa: E731
+    generation.generate(model, ids, 2, top_k=50, **settings)
+    assert steps() == {(False, (128, True))}
+    generation.generate(model, ids, 2, top_k=60, **settings)
+    assert steps() == {(False, (128, True))}
+    generation.generate(model, ids, 2, top_k=200, **settings)
+    assert steps() == {(False, (128, True)), (False, (512, True))}
+
+
 def test_first_generated_token_follows_transformers_distribution(model):
     """End to end: the token sampled from the prefill, over many rows and seeds."""
     prompt = torch.randint(3, 256, (1, 8), generator=torch.Generator().manual_seed(3))
