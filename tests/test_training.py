@@ -44,7 +44,7 @@ def grads_by_stock_name(model: nn.Module) -> dict[str, Tensor]:
     """
     grads = {name: p.grad for name, p in model.named_parameters()}
     for name, module in model.named_modules():
-        if isinstance(module, FusedNorm) and module.packed is None:
+        if isinstance(module, FusedNorm) and not module.packed:
             parent = name.rpartition(".")[0]
             for kind in ("weight", "bias"):
                 stacked = grads.pop(f"{name}.{kind}", None)

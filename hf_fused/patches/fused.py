@@ -1,13 +1,22 @@
-"""The modules and instance forwards that put the fused ops into a decoder layer.
+"""The modules that put the fused ops into a decoder layer.
 
-Attention: the family's own forward keeps running. It is handed the fused q/k/v output instead of
-the hidden states, and its q_proj/k_proj/v_proj become column slices of that output, so rotary,
-q/k norms, sliding windows, softcap, scaling and the cache update are never rewritten.
+Norms: a norm whose work a fused op does becomes a PassThroughNorm, which hands its input on.
 
-MLP: a gated MLP's forward becomes down_proj(rmsnorm_gate_up(x)); down_proj stays its own.
+Attention: the family's own forward keeps running. A forward pre-hook hands it the fused q/k/v
+output instead of the hidden states, and its q_proj/k_proj/v_proj become column slices of that
+output, so rotary, q/k norms, sliding windows, softcap, scaling and the cache update are never
+rewritten.
+
+MLP: a gated MLP becomes a FusedMLP, down_proj(rmsnorm_gate_up(x)); down_proj stays its own.
 
 o_proj and down_proj, which no norm feeds, become StreamingLinear modules holding the very same
 Parameters: streaming_linear instead of F.linear, nothing else changed.
+
+Every change is a module put in place of another (its forward is its class's) or a hook, never an
+instance forward: torch.compile checks an instance forward, and any module it reaches by two paths,
+with a Python guard on every call of the compiled code. Instance forwards and held norms once put
+six such guards in each layer, paid on every step of transformers' static-cache generate
+(docs/h200/README.md).
 
 Separate projections are stacked by rows into one weight owned by the fused module (stack_into);
 the originals keep no storage until unstack points them at rows of it again. Under tensor
@@ -33,6 +42,29 @@ def norm_eps(norm: nn.Module) -> float | None:
     return eps if isinstance(eps, float) else None
 
 
+class PassThroughNorm(nn.Module):
+    """Stands in for a decoder layer's RMSNorm whose work a fused op does: its input goes on as it
+    is (the layer takes its residual before the norm). It holds the very same weight Parameter,
+    so the state_dict keeps its key, and the original module, for unpatching."""
+
+    def __init__(self, norm: nn.Module) -> None:
+        super().__init__()
+        self.__dict__["original"] = norm
+        self.weight = norm.weight
+        self.eps = norm_eps(norm)
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        return hidden_states
+
+    def restored(self) -> nn.Module:
+        """The original module, holding this one's weight (a load with assign=True may have replaced it)."""
+        self.original.weight = self.weight
+        return self.original.train(self.training)
+
+    def extra_repr(self) -> str:
+        return f"{type(self.original).__name__}, computed by the fused op it feeds"
+
+
 class FusedNorm(nn.Module):
     """A layer's RMSNorm and the projections it feeds, as one fused op call.
 
@@ -42,28 +74,35 @@ class FusedNorm(nn.Module):
 
     def __init__(
         self,
-        norm: nn.Module,
+        norm: PassThroughNorm,
         norm_style: str,
         weight: Tensor | None = None,
         bias: Tensor | None = None,
-        packed: nn.Linear | None = None,
+        packed: nn.Module | None = None,
     ) -> None:
         super().__init__()
-        # Held, not registered: the norm keeps its own state_dict key and moves with the layer.
-        self.__dict__["norm"] = norm
-        self.__dict__["packed"] = packed
+        # The norm's and the packed projection's parameter dicts are held, not the modules: their
+        # Parameters stay the one source of truth after .to() or a load with assign=True, and
+        # compiled code reaches those modules by no second path (which it would guard in Python).
+        self.__dict__["norm_params"] = norm._parameters
+        self.__dict__["packed_params"] = None if packed is None else packed._parameters
+        self.eps = norm.eps
         self.norm_style = norm_style
+        self.hooks = []  # handles of what the patch registered for this module, removed on unpatch
         if packed is None:
             self.weight = nn.Parameter(weight, requires_grad=weight.requires_grad)
             self.register_parameter("bias", None if bias is None else nn.Parameter(bias, bias.requires_grad))
 
+    @property
+    def packed(self) -> bool:
+        return self.packed_params is not None
+
     def operands(self) -> tuple[Tensor, Tensor, Tensor | None, float]:
-        # Read at call time, so norm.weight stays the one source of truth after .to() or a load.
-        src = self if self.packed is None else self.packed
-        return self.norm.weight, src.weight, src.bias, norm_eps(self.norm)
+        params = self._parameters if self.packed_params is None else self.packed_params
+        return self.norm_params["weight"], params["weight"], params.get("bias"), self.eps
 
     def extra_repr(self) -> str:
-        return f"norm_style={self.norm_style!r}" + (", packed" if self.packed is not None else "")
+        return f"norm_style={self.norm_style!r}" + (", packed" if self.packed else "")
 
 
 class FusedRMSNormQKV(FusedNorm):
@@ -122,10 +161,10 @@ class FusedAway(nn.Module):
         return f"gate_up_fused.weight[{self.start}:{self.stop}]"
 
 
-class StreamingLinear(nn.Module):
-    """Stands in for a plain nn.Linear that no norm feeds (o_proj, down_proj): the same weight
-    and bias Parameters under the same names, so no byte is copied and the state_dict keeps its
-    keys, computed by streaming_linear. The original module is held for unpatching."""
+class LinearStandIn(nn.Module):
+    """Stands in for a plain nn.Linear: the same weight and bias Parameters under the same names,
+    so no byte is copied and the state_dict keeps its keys. The original module is held for
+    unpatching."""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
@@ -133,9 +172,6 @@ class StreamingLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight
         self.register_parameter("bias", linear.bias)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return streaming_linear(x, self.weight, self.bias)
 
     def restored(self) -> nn.Linear:
         """The original module, holding this one's Parameters (a load with assign=True may have replaced them)."""
@@ -148,22 +184,52 @@ class StreamingLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-# Instance forwards are bound with functools.partial, not MethodType: a partial of a module-level
-# function pickles (torch.save(model)) and deep-copies onto the copied module.
-def identity_forward(module: nn.Module, hidden_states: Tensor) -> Tensor:
-    return hidden_states
+class StreamingLinear(LinearStandIn):
+    """Stands in for a plain nn.Linear that no norm feeds (o_proj, down_proj), computed by streaming_linear."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return streaming_linear(x, self.weight, self.bias)
 
 
-def fused_attention_forward(attn: nn.Module, hidden_states: Tensor, *args, **kwargs):
-    fused = attn.qkv_fused
-    qkv = fused(hidden_states)
-    if fused.inner_forward is not None:  # an instance forward that was there before (accelerate hooks)
-        return fused.inner_forward(qkv, *args, **kwargs)
-    return type(attn).forward(attn, qkv, *args, **kwargs)
+class PackedPassThrough(LinearStandIn):
+    """Stands in for a packed qkv_proj whose rows the fused op already multiplied: its input,
+    the fused output, goes on as it is, for the attention's own slicing."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x
 
 
-def fused_mlp_forward(mlp: nn.Module, hidden_states: Tensor) -> Tensor:
-    return mlp.down_proj(mlp.gate_up_fused(hidden_states))
+class FusedMLP(nn.Module):
+    """Stands in for a gated MLP whose norm, gate/up projections and activation one fused op
+    computes: down_proj(gate_up_fused(x)). It holds the MLP's children under their names (the
+    packed gate_up_proj, or the stand-ins of gate_proj and up_proj), so the state_dict keeps its
+    keys, and the original MLP, for unpatching."""
+
+    def __init__(self, mlp: nn.Module) -> None:
+        super().__init__()
+        self.__dict__["original"] = mlp
+        for name, child in mlp.named_children():
+            self.add_module(name, child)
+        self.train(mlp.training)
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        return self.down_proj(self.gate_up_fused(hidden_states))
+
+    def restored(self) -> nn.Module:
+        """The original MLP, with this one's down_proj (the streaming fusion may have replaced it)."""
+        self.original.down_proj = self.down_proj
+        return self.original.train(self.training)
+
+    def extra_repr(self) -> str:
+        return type(self.original).__name__
+
+
+def feed_fused_qkv(attn: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Forward pre-hook of a patched attention: its hidden states become the fused q/k/v output,
+    which its q_proj, k_proj and v_proj stand-ins slice."""
+    if "hidden_states" in kwargs:
+        return args, {**kwargs, "hidden_states": attn.qkv_fused(kwargs["hidden_states"])}
+    return (attn.qkv_fused(args[0]), *args[1:]), kwargs
 
 
 @dataclass(frozen=True)
@@ -284,7 +350,7 @@ def stack_into(
                 p.data = p.data.new_empty(0)
         setattr(parent, name, placeholder(*bounds[name]).train(parent.training))
     fused.bounds, fused.layouts, fused.key_order, fused.originals = bounds, layouts, key_order, projs
-    fused.hooks = [
+    fused.hooks += [
         parent.register_state_dict_post_hook(partial(state_dict_post_hook, attr=attr)),
         parent.register_load_state_dict_pre_hook(partial(load_state_dict_pre_hook, attr=attr)),
     ]
@@ -293,8 +359,6 @@ def stack_into(
 
 def unstack(parent: nn.Module, fused: FusedNorm) -> None:
     """Put the original projections back as row views of the current fused weight: no copy, and right after any .to()."""
-    for hook in fused.hooks:
-        hook.remove()
     for name, proj in fused.originals.items():
         start, stop = fused.bounds[name]
         for kind in ("weight", "bias"):

@@ -21,14 +21,16 @@ from hf_fused.ops.rmsnorm_gate_up import ACTIVATIONS
 from hf_fused.patches.attention import attention_problem, restore_attention, use_decode_attention, uses_decode_attention
 from hf_fused.patches.fused import (
     FusedAway,
+    FusedMLP,
     FusedNorm,
     FusedRMSNormGateUp,
     FusedRMSNormQKV,
+    LinearStandIn,
+    PackedPassThrough,
+    PassThroughNorm,
     QKVSlice,
     StreamingLinear,
-    fused_attention_forward,
-    fused_mlp_forward,
-    identity_forward,
+    feed_fused_qkv,
     local_shard,
     norm_eps,
     stack_into,
@@ -59,18 +61,17 @@ class _Kind:
     packed: str
     module: type[FusedNorm]
     bias: bool  # whether its op takes the projections' bias
-    forward: Callable  # the child's new forward
     # The child's own forward still runs on the fused output (attention), so its projections
-    # become slices or pass-throughs of it; the MLP's is replaced whole and never calls them.
+    # become slices or pass-throughs of it; the MLP is replaced whole and never calls them.
     passthrough: bool
     placeholder: type[nn.Module]
 
 
 KINDS = {
     "qkv": _Kind("self_attn", "qkv_fused", ("q_proj", "k_proj", "v_proj"), "qkv_proj", FusedRMSNormQKV,
-                 bias=True, forward=fused_attention_forward, passthrough=True, placeholder=QKVSlice),
+                 bias=True, passthrough=True, placeholder=QKVSlice),
     "mlp": _Kind("mlp", "gate_up_fused", ("gate_proj", "up_proj"), "gate_up_proj", FusedRMSNormGateUp,
-                 bias=False, forward=fused_mlp_forward, passthrough=False, placeholder=FusedAway),
+                 bias=False, passthrough=False, placeholder=FusedAway),
 }
 
 
@@ -86,6 +87,8 @@ FUSIONS = (*DEFAULT_FUSE, "attention")
 @dataclass
 class _Fusion:
     kind: str
+    layer: nn.Module
+    norm_name: str
     parent: nn.Module
     norm: nn.Module
     projs: dict[str, nn.Linear]
@@ -143,9 +146,13 @@ def _fusion(layer: nn.Module, kind: str, spec: FamilySpec) -> _Fusion | str:
         return f"{k.parent}.{k.packed} is tensor-parallel (DTensor); packed projections are fused only unsharded"
     if problem := tensor_parallel_problem(weight, projs, heads):
         return f"{k.parent}.{'/'.join(projs)} {problem}"
-    if not k.passthrough and "forward" in parent.__dict__:
-        return f"{k.parent} has an instance forward (hooks) that the fused forward would bypass"
-    return _Fusion(kind, parent, norm, projs)
+    if not k.passthrough and ("forward" in parent.__dict__ or parent._forward_hooks or parent._forward_pre_hooks):
+        return f"{k.parent} has an instance forward or hooks (accelerate) that the fused MLP would drop"
+    if not k.passthrough and (parent._parameters or parent._buffers):
+        return f"{k.parent} ({type(parent).__name__}) has parameters or buffers of its own that the fused MLP would drop"
+    if list(norm._parameters) != ["weight"] or norm._buffers or norm._modules:
+        return f"{norm_name} ({type(norm).__name__}) holds more than its weight, which its stand-in would drop"
+    return _Fusion(kind, layer, norm_name, parent, norm, projs)
 
 
 def _streamed_problem(proj: nn.Module | None) -> str | None:
@@ -274,41 +281,48 @@ def _mlp_activation(fusion: _Fusion) -> str | None:
 
 def _apply(fusion: _Fusion, spec: FamilySpec, fuse: tuple[str, ...]) -> None:
     k = KINDS[fusion.kind]
-    parent, norm = fusion.parent, fusion.norm
+    layer, parent = fusion.layer, fusion.parent
+    # The layer takes its residual before the norm, so the norm can pass its input through.
+    norm = PassThroughNorm(fusion.norm).train(fusion.norm.training)
+    setattr(layer, fusion.norm_name, norm)
+    if not k.passthrough:  # the MLP: replaced whole, its children kept under their names
+        parent = FusedMLP(parent)
+        setattr(layer, k.parent, parent)
     extra = {"activation": fusion.activation} if fusion.activation else {}
     make = partial(k.module, norm, spec.norm_style, **extra)
     if k.packed in fusion.projs:
-        proj = fusion.projs[k.packed]
-        fused = make(packed=proj)
-        fused.packed_forward = proj.__dict__.get("forward")
-        if k.passthrough:
-            proj.forward = partial(identity_forward, proj)
+        packed = fusion.projs[k.packed]
+        if k.passthrough:  # the attention still calls it, on the fused output
+            packed = PackedPassThrough(packed).train(packed.training)
+            setattr(parent, k.packed, packed)
+        fused = make(packed=packed)
     else:
         fused = stack_into(parent, k.attr, make, fusion.projs, k.placeholder)
     fused.fuse = fuse
-    # Instance forwards that were already there (accelerate hooks) are wrapped and restored.
-    fused.inner_forward, fused.norm_forward = parent.__dict__.get("forward"), norm.__dict__.get("forward")
     setattr(parent, k.attr, fused.train(parent.training))
-    parent.forward = partial(k.forward, parent)
-    # The layer takes its residual before the norm, so the norm can pass its input through.
-    norm.forward = partial(identity_forward, norm)
-
-
-def _restore_forward(module: nn.Module, saved) -> None:
-    module.__dict__.pop("forward", None)
-    if saved is not None:
-        module.forward = saved
+    if k.passthrough:
+        # A hook runs before any instance forward accelerate put there, which then still runs.
+        fused.hooks.append(parent.register_forward_pre_hook(feed_fused_qkv, with_kwargs=True))
 
 
 def _unapply(parent: nn.Module, attr: str) -> None:
     fused = getattr(parent, attr)
-    if fused.packed is not None:
-        _restore_forward(fused.packed, fused.packed_forward)
-    else:
+    for hook in fused.hooks:
+        hook.remove()
+    if not fused.packed:
         unstack(parent, fused)
-    _restore_forward(parent, fused.inner_forward)
-    _restore_forward(fused.norm, fused.norm_forward)
     delattr(parent, attr)
+
+
+# What unpatch_model puts back by calling restored(); FusedMLP before the stand-ins it holds.
+_STAND_INS = (FusedMLP, PassThroughNorm, LinearStandIn)
+
+
+def _restore_stand_ins(model: nn.Module, kind: type[nn.Module]) -> int:
+    found = [(m, name) for m in model.modules() for name, child in m._modules.items() if isinstance(child, kind)]
+    for parent, name in found:
+        setattr(parent, name, getattr(parent, name).restored())
+    return len(found)
 
 
 def _check_fuse(fuse) -> tuple[str, ...]:
@@ -362,12 +376,13 @@ def patch_model(model: nn.Module, *, verify: bool = False, fuse: tuple[str, ...]
         return model
     model_type, spec, fusions, streamed, attention = _plan(model, fuse)
     try:
-        for fusion in fusions:
-            _apply(fusion, spec, fuse)
+        # Streamed first: a FusedMLP takes over the MLP's down_proj as it is then.
         for parent, name in streamed:
             module = StreamingLinear(getattr(parent, name)).train(parent.training)
             module.fuse = fuse
             setattr(parent, name, module)
+        for fusion in fusions:
+            _apply(fusion, spec, fuse)
         if attention:
             use_decode_attention(model)
     except BaseException:
@@ -390,11 +405,9 @@ def unpatch_model(model: nn.Module) -> nn.Module:
     found = [(m, k.attr) for m in model.modules() for k in KINDS.values() if isinstance(m._modules.get(k.attr), FusedNorm)]
     for parent, attr in found:
         _unapply(parent, attr)
-    streamed = [(m, name) for m in model.modules() for name, child in m._modules.items() if isinstance(child, StreamingLinear)]
-    for parent, name in streamed:
-        setattr(parent, name, getattr(parent, name).restored())
-    if found or streamed:
-        logger.info("hf_fused: unpatched %d fused modules", len(found) + len(streamed))
+    restored = sum(_restore_stand_ins(model, kind) for kind in _STAND_INS)
+    if found or restored:
+        logger.info("hf_fused: unpatched %d fused modules and %d stand-ins", len(found), restored)
     restore_attention(model)
     return model
 
