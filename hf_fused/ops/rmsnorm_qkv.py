@@ -129,7 +129,7 @@ def decode_config(M: int, N: int, K: int, device: torch.device | None = None) ->
     block_m = max(16, triton.next_power_of_2(M))
     if block_m == 16:
         # On an H200 the 70B shape's weight (84M elements) streamed 14% faster with one equal
-        # share per SM (docs/h200/README.md); the 8B shape's measured the same either way.
+        # share per SM (docs/h200/session2/README.md); the 8B shape's measured the same either way.
         rows = None if h200_tuned(device) and N * K >= 8192 * 8192 else (64 if large else 32)
         return DecodeConfig(16, 128, 128, num_warps=8, num_stages=4, rows_per_program=rows)
     return DecodeConfig(block_m, 64, 128, num_warps=4, num_stages=3, rows_per_program=64)

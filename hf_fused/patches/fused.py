@@ -16,7 +16,7 @@ Every change is a module put in place of another (its forward is its class's) or
 instance forward: torch.compile checks an instance forward, and any module it reaches by two paths,
 with a Python guard on every call of the compiled code. Instance forwards and held norms once put
 six such guards in each layer, paid on every step of transformers' static-cache generate
-(docs/h200/README.md).
+(docs/h200/session2/README.md).
 
 Separate projections are stacked by rows into one weight owned by the fused module (stack_into);
 the originals keep no storage until unstack points them at rows of it again. Under tensor

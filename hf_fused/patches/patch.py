@@ -7,7 +7,6 @@ unpatching restores the original module objects with bit-identical weights.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
