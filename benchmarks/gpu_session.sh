@@ -9,6 +9,7 @@
 #   bash benchmarks/gpu_session.sh ops       # the op benchmarks with their peers, decode attention too
 #   bash benchmarks/gpu_session.sh tune      # the QKV kernel's config sweep at M = 16
 #   bash benchmarks/gpu_session.sh ncu       # Nsight Compute on the 8B one-token QKV kernel
+#   bash benchmarks/gpu_session.sh attention # the decode attention: host time, GPU tests, benchmark, the 8B step's profile and tok/s with it
 #
 # Liger-Kernel comes from a wheel in .whl/ (pip download --no-deps liger-kernel==0.8.5 -d .whl),
 # carried with the call. Keep sweeps small: a Triton config with a large fp32 tile can keep
@@ -41,6 +42,16 @@ static)
         --repeats 2 --out "$out"
     find "$TORCHINDUCTOR_CACHE_DIR" -name '*.py' -size +40k | tar czf "$out/inductor_code.tgz" -T -
     ;;
+attention)
+    step 60 host_overhead.txt python3 benchmarks/host_overhead.py
+    step 200 tests_attention.txt python3 -m pytest -q -p no:cacheprovider tests/test_decode_attention.py \
+        tests/test_patch_gpu.py::test_compiled_decode_with_decode_attention_matches_stock tests/test_generation.py
+    step 100 bench_decode_attention.txt python3 benchmarks/bench_decode_attention.py --out "$out"
+    step 100 profile_8b_attention.txt python3 benchmarks/profile_decode.py --shape llama3-8b \
+        --fuse qkv,mlp,gemv,attention --out "$out"
+    step 200 tps_8b_attention.txt python3 examples/compare_tps.py --shape llama3-8b --modes eager,hf-static,fast-loop \
+        --batch-sizes 1 --new-tokens 64 --repeats 2 --peers none --fuse qkv,mlp,gemv,attention --out "$out"
+    ;;
 tune)
     step 240 tune_qkv_m16.txt python3 benchmarks/tune_rmsnorm_qkv.py --ms 16 --shapes llama3-8b,llama3-70b \
         --out "$out/tune_qkv_m16.json"
@@ -68,7 +79,7 @@ ops)
     done
     ;;
 *)
-    echo "usage: bash benchmarks/gpu_session.sh tests|static|tps|ops|tune|ncu" >&2
+    echo "usage: bash benchmarks/gpu_session.sh tests|static|tps|ops|tune|ncu|attention" >&2
     exit 2
     ;;
 esac

@@ -13,6 +13,8 @@ GPU is never the bottleneck (SmolLM2-135M's), so the numbers are host cost alone
   norm + gate/up + act   LlamaRMSNorm, gate_proj, up_proj, silu(gate) * up
   streaming_linear       hf_fused.ops.streaming_linear, one token
   one F.linear           one cuBLAS call, what streaming_linear replaces
+  decode_attention       hf_fused.ops.decode_attention, one query over a 384-key static cache
+  sdpa attention         transformers' sdpa_attention_forward on the same inputs
 """
 
 from __future__ import annotations
@@ -21,17 +23,20 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import environment  # noqa: E402
 
-from hf_fused.ops import rmsnorm_gate_up, rmsnorm_qkv, streaming_linear  # noqa: E402
+from hf_fused.ops import decode_attention, rmsnorm_gate_up, rmsnorm_qkv, streaming_linear  # noqa: E402
 
 K, N, I, EPS = 576, 960, 1536, 1e-5
+HQ, HKV, D, CACHE = 9, 3, 64, 384  # SmolLM2-135M's attention
 
 
 def host_us(call, calls: int = 2000, rounds: int = 5) -> float:
@@ -60,6 +65,11 @@ def main() -> None:
     q, k, v = (torch.nn.Linear(K, n, bias=False, device=device, dtype=dtype) for n in (576, 192, 192))
     gate, up = (torch.nn.Linear(K, I, bias=False, device=device, dtype=dtype) for _ in range(2))
 
+    query = torch.randn(1, HQ, 1, D, device=device, dtype=dtype)
+    keys, values = (torch.randn(1, HKV, CACHE, D, device=device, dtype=dtype) for _ in range(2))
+    valid = (torch.arange(CACHE, device=device) < 200).view(1, 1, 1, CACHE)
+    attention = SimpleNamespace(num_key_value_groups=HQ // HKV, is_causal=True)
+
     def unfused_mlp_input():
         h = norm(x)
         return F.silu(gate(h)) * up(h)
@@ -72,6 +82,8 @@ def main() -> None:
         "norm + gate/up + act": unfused_mlp_input,
         "streaming_linear": lambda: streaming_linear(x, qkv_weight),
         "one F.linear": lambda: F.linear(x, qkv_weight),
+        "decode_attention": lambda: decode_attention(query, keys, values, valid, scaling=D**-0.5),
+        "sdpa attention": lambda: sdpa_attention_forward(attention, query, keys, values, valid, scaling=D**-0.5),
     }
     env = environment()
     print(f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}, {env['date']}; host µs per call, "

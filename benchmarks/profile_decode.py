@@ -42,7 +42,12 @@ STREAMING = "_streaming_linear_kernel"
 CUBLAS = re.compile(r"gemm|gemv|nvjet|cutlass|xmma|sm90_", re.IGNORECASE)
 CUBLAS_REDUCE = re.compile(r"splitkreduce|reduce_kernel", re.IGNORECASE)
 ATTENTION = re.compile(r"flash|fmha|attention|sdpa", re.IGNORECASE)
-FUSED_OPS = {"_rmsnorm_qkv_decode_kernel": "norm+qkv (hf_fused)", "_rmsnorm_gate_up_decode_kernel": "norm+gate/up (hf_fused)"}
+FUSED_OPS = {
+    "_rmsnorm_qkv_decode_kernel": "norm+qkv (hf_fused)",
+    "_rmsnorm_gate_up_decode_kernel": "norm+gate/up (hf_fused)",
+    "_decode_partial_kernel": "attention (hf_fused)",
+    "_decode_reduce_kernel": "attention reduce (hf_fused)",
+}
 
 
 def profile_steps(model, ids, skip: int, steps: int) -> tuple[list[list[tuple[str, float]]], float]:
@@ -136,7 +141,7 @@ def floor_bytes(model, label: str, cache_len: int, batch: int) -> int | None:
         return layer.self_attn.qkv_fused.weight.numel() * 2
     if label == "norm+gate/up (hf_fused)":
         return mlp.gate_up_fused.weight.numel() * 2
-    if label == "attention":
+    if label in ("attention", "attention (hf_fused)"):
         config = model.config
         return 2 * batch * cache_len * config.num_key_value_heads * config.head_dim * 2
     return None
@@ -146,7 +151,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
     parser.add_argument("--fuse", default=",".join(DEFAULT_FUSE),
-                        help="comma list of qkv, mlp, gemv (default: all); or none for the stock model")
+                        help="comma list of qkv, mlp, gemv, attention (default: the first three); or none for the stock model")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=256, help="sets the static cache length, as compare_tps")
@@ -179,13 +184,18 @@ def main() -> None:
         mean_us = statistics.mean(us[s + pos] for s in starts)
         rows.append({"pos": pos, "kernel": names[starts[0] + pos], "label": labels[pos], "us": mean_us,
                      "floor_us": floor_us, "pct_of_floor": None if floor_us is None else 100 * floor_us / mean_us})
+    # The kernels before the first typical layer and after the last: the embedding, the first
+    # and last layers where the compiler fused across their boundary, the final norm, lm_head
+    # and the token choice.
+    end = starts[-1] + period
+    outside = [{"pos": i, "kernel": names[i], "us": us[i]} for i in (*range(starts[0]), *range(end, len(names)))]
     kernels_us = sum(us)
     typical_us = sum(r["us"] for r in rows)
     weight_floor_us = weight_bytes(model) / bandwidth * 1e6
 
     result = {**environment(), "shape": args.shape, "fuse": list(fuse), "batch": args.batch, "cache_len": cache_len,
               "copy_bandwidth_gbs": bandwidth / 1e9, "step_us": step_us, "kernels_us": kernels_us,
-              "typical_layers": len(starts), "typical_layer_us": typical_us, "layer": rows,
+              "typical_layers": len(starts), "typical_layer_us": typical_us, "layer": rows, "outside_layers": outside,
               "step_kernels": list(zip(names, us)), "tok_s": args.batch * 1e6 / step_us}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -201,6 +211,9 @@ def main() -> None:
         floor = "-" if r["floor_us"] is None else f"{r['floor_us']:.1f}"
         pct = "-" if r["pct_of_floor"] is None else f"{r['pct_of_floor']:.0f}%"
         print(f"| {r['pos']} | `{r['kernel'][:60]}` | {r['label']} | {r['us']:.1f} | {floor} | {pct} |")
+    print("\nOutside the typical layers:\n\n| # in step | kernel | µs |\n| --- | --- | --- |")
+    for r in outside:
+        print(f"| {r['pos']} | `{r['kernel'][:60]}` | {r['us']:.1f} |")
     print("\n| per step | µs |\n| --- | --- |")
     print(f"| one typical layer ({len(starts)} of {n_layers} alike) | {typical_us:.1f} |")
     print(f"| {n_layers} x a typical layer | {n_layers * typical_us:.0f} |")

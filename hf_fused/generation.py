@@ -95,9 +95,28 @@ def _get_sampling(
     return state.sampling
 
 
+ARGMAX_CHUNKS = 128
+
+
+def argmax(logits: Tensor) -> Tensor:
+    """``logits.argmax(-1)`` of ``(B, V)`` logits, the first index of the maximum, in two passes.
+
+    Inductor reduces an argmax in one program per row: over a 128k vocabulary that took 30 µs of
+    an 8B decode step on an H200 (docs/profile_decode.md). The first pass here takes each of
+    ARGMAX_CHUNKS chunks' maximum and its first index in parallel; the first chunk holding the
+    overall maximum then holds its first index.
+    """
+    batch, vocab = logits.shape
+    chunk = -(-vocab // ARGMAX_CHUNKS)
+    padded = torch.nn.functional.pad(logits, (0, chunk * ARGMAX_CHUNKS - vocab), value=float("-inf"))
+    chunk_max, chunk_arg = padded.view(batch, ARGMAX_CHUNKS, chunk).max(dim=-1)
+    best = chunk_max.argmax(dim=-1, keepdim=True)
+    return (best * chunk + chunk_arg.gather(1, best)).squeeze(1)
+
+
 def _next_token(logits: Tensor, position: Tensor, sampling: SamplingParams | None) -> Tensor:
     """``(B,)`` next tokens from the last position's ``(B, V)`` logits: argmax, or a sample."""
-    return logits.argmax(dim=-1) if sampling is None else sample(logits, position, sampling)
+    return argmax(logits) if sampling is None else sample(logits, position, sampling)
 
 
 def _make_step(model: nn.Module, state: _State, compiled: bool) -> Callable[..., Tensor]:
@@ -198,6 +217,12 @@ def generate(
     state = model.__dict__.setdefault(_STATE_ATTR, _State())
     dtype = next(model.parameters()).dtype
     cache = _get_cache(model, state, batch, prompt_len + max_new_tokens, dtype)
+    if compiled and any(getattr(layer, "is_sliding", False) for layer in getattr(cache, "layers", ())):
+        # transformers keeps a sliding-window layer's length in a Python int and branches on it,
+        # so a fullgraph compile would recompile at every step until its limit, then fail.
+        raise ValueError("the decode step can't be compiled over a static cache with sliding-window layers "
+                         "(transformers tracks their length in a Python int, which every step changes); pass "
+                         "compile=False, or decode with transformers' generate(cache_implementation='static')")
     sampling = _get_sampling(state, device, temperature, top_k, top_p, generator, seed) if do_sample else None
     # Each kind of step is its own compiled function: greedy stays the plain argmax graph, and
     # a graph with the top-k/top-p filtering runs only when they are asked for.

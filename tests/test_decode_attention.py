@@ -98,6 +98,19 @@ def test_splits_fill_the_gpu_and_cover_every_key():
         assert split_len % 64 == 0 and (splits - 1) * split_len < S <= splits * split_len
 
 
+@pytest.mark.parametrize("with_mask", [True, False], ids=["mask", "no-mask"])
+def test_eager_launch_matches_the_registered_op(with_mask):
+    """Eager calls replay launches resolved once per signature, as the other ops' eager decode calls."""
+    q, k, v, mask = make_inputs(2, 8, 2, 1, 40, 16, DTYPES[0], [40, 9])
+    mask = mask if with_mask else None
+    with torch.no_grad():
+        want = torch.ops.hf_fused.decode_attention(q, k, v, mask, 0.25)
+        before = len(op_module._EAGER_LAUNCHES)
+        first, second = (decode_attention(q, k, v, mask, scaling=0.25) for _ in range(2))
+        assert len(op_module._EAGER_LAUNCHES) in (before, before + 1)
+    assert torch.equal(first, want) and torch.equal(second, want)
+
+
 def _bad(**changes):
     q, k, v, mask = make_inputs(1, 4, 2, 1, 8, 16, torch.float32, [8])
     args = dict(q=q, k=k, v=v, mask=mask, scaling=0.25)
@@ -123,10 +136,11 @@ def test_bad_inputs_raise(args, match):
 
 @pytest.fixture
 def launches(monkeypatch):
-    """The (B, Hq, M, D) query shape of every kernel launch."""
+    """The (B, Hq, M, D) query shape of every kernel launch, traced (launch_decode) or eager."""
     shapes = []
-    launch = op_module.launch_decode
-    monkeypatch.setattr(op_module, "launch_decode", lambda q, *args, **kw: (shapes.append(tuple(q.shape)), launch(q, *args, **kw)))
+    for name in ("launch_decode", "_eager_decode"):
+        launch = getattr(op_module, name)
+        monkeypatch.setattr(op_module, name, lambda q, *args, launch=launch, **kw: (shapes.append(tuple(q.shape)), launch(q, *args, **kw))[1])
     return shapes
 
 

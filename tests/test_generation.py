@@ -105,6 +105,30 @@ def test_refuses_to_compile_over_accelerate_hooks(ids):
     assert generation.generate(hooked, ids, 2, compile=False).shape == (2, ids.shape[1] + 2)
 
 
+def test_refuses_to_compile_over_a_sliding_window_cache(ids):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("mistral", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                  num_attention_heads=2, num_key_value_heads=1, vocab_size=256, sliding_window=4)
+    sliding = AutoModelForCausalLM.from_config(config).eval()
+    with pytest.raises(ValueError, match="sliding-window layers"):
+        generation.generate(sliding, ids, NEW, compile=True)
+    # Uncompiled, the same cache decodes as transformers does.
+    want = sliding.generate(ids, max_new_tokens=3, do_sample=False, eos_token_id=None, pad_token_id=0,
+                            cache_implementation="static")
+    assert torch.equal(generation.generate(sliding, ids, 3, compile=False), want)
+
+
+@pytest.mark.parametrize("vocab", [5, 128, 1000, 128256])
+def test_two_pass_argmax_is_the_first_maximum(vocab):
+    generator = torch.Generator().manual_seed(vocab)
+    # Few distinct values, so rows hold ties, in and across chunks; one row is all -inf.
+    logits = torch.randint(0, 4, (4, vocab), generator=generator).float()
+    logits[3] = float("-inf")
+    assert torch.equal(generation.argmax(logits), logits.argmax(-1))
+    assert torch.equal(torch.compile(generation.argmax)(logits), logits.argmax(-1))
+
+
 def test_state_is_freed_with_the_model():
     import gc
     import weakref

@@ -1,10 +1,14 @@
-"""patch_model on the GPU: bf16 through the compiled Triton kernels, and generate with a static
-cache, whose decode step transformers compiles with CUDA graphs."""
+"""patch_model on the GPU: bf16 through the compiled Triton kernels, generate with a static
+cache, whose decode step transformers compiles with CUDA graphs, and hf_fused.generate's compiled
+decoding with the decode attention."""
+
+import copy
 
 import pytest
 import torch
 
 import hf_fused
+from hf_fused import generation
 from test_patch import FAMILIES, FUSES, build, param_id, prompt
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -39,3 +43,39 @@ def test_static_cache_generate_on_gpu(family, fuse):
         torch._dynamo.reset()
         patched = model.generate(ids, **kwargs)
     assert torch.equal(patched, stock)
+
+
+def agreeing_tokens(a: torch.Tensor, b: torch.Tensor) -> int:
+    """How many leading positions two (B, S) token tensors share in every row."""
+    differs = (a != b).any(0).nonzero()
+    return a.shape[1] if len(differs) == 0 else int(differs[0])
+
+
+# Compiled decoding with every fusion, the decode attention too, gives the tokens of stock compiled
+# decoding, as far as stock's own eager and compiled decoding agree with each other: transformers'
+# static-cache generate (which compiles its decode step) for every family, and hf_fused.generate
+# for those without sliding-window layers (it refuses them). gemma2's softcap keeps transformers'
+# eager attention, mistral's sliding window sdpa's: both logged.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2", "mistral"])
+def test_compiled_decode_with_decode_attention_matches_stock(family, dtype):
+    stock = build(family).to("cuda", dtype)
+    patched = hf_fused.patch_model(copy.deepcopy(stock), fuse=("qkv", "mlp", "gemv", "attention"))
+    ids, mask = prompt()
+    ids, mask = ids.cuda(), mask.cuda()
+    new = 20
+    kwargs = dict(attention_mask=mask, max_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0)
+    decoders = {"generate, static cache": lambda m: m.generate(ids, cache_implementation="static", **kwargs)}
+    if family in ("llama", "qwen3"):
+        decoders["hf_fused.generate"] = lambda m: generation.generate(m, ids, new, attention_mask=mask)
+    with torch.no_grad():
+        stock_eager = stock.generate(ids, **kwargs)
+        for name, decode in decoders.items():
+            torch._dynamo.reset()
+            stock_compiled = decode(stock)
+            torch._dynamo.reset()
+            fused = decode(patched)
+            agree = agreeing_tokens(stock_eager, stock_compiled)
+            # fp32 leaves no room for the paths to part; bf16 may round a near-tie either way.
+            assert agree >= ids.shape[1] + (new if dtype == torch.float32 else 1), name
+            assert agreeing_tokens(fused, stock_compiled) >= agree, name

@@ -38,7 +38,19 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from hf_fused.ops._autograd import register_reference_backward
-from hf_fused.ops._common import KERNEL_DTYPES, _dot, _round_to, _sm_count, on_device_of, runs_triton, triton_interpreter_enabled
+from hf_fused.ops._common import (
+    KERNEL_DTYPES,
+    EagerLaunch,
+    _dot,
+    _round_to,
+    _sm_count,
+    cached_launch,
+    eager_launchable,
+    on_device_of,
+    runs_triton,
+    signature,
+    triton_interpreter_enabled,
+)
 
 MAX_QUERY = 16  # query tokens a call takes (decode, or a few speculative tokens)
 MAX_ROWS = 128  # G * M query rows that one program keeps in registers
@@ -169,10 +181,12 @@ def _decode_reduce_kernel(
     tl.store(out_ptrs, _round_to(out, out_ptr.dtype.element_ty, INTERPRETED), mask=offs_d < HEAD_DIM)
 
 
-def launch_decode(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scaling: float, out: Tensor,
-                  config: DecodeConfig = DecodeConfig()) -> None:
-    """Both kernels: q (B, Hq, M, D), k and v (B, Hkv, S, D) with unit stride in D, mask
-    broadcastable to (B, Hq, M, S) bool or None, out (B, M, Hq, D) with unit stride in D."""
+def decode_launches(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scaling: float, out: Tensor,
+                    config: DecodeConfig = DecodeConfig()) -> tuple[tuple[Tensor, Tensor, Tensor], list[tuple]]:
+    """Both kernels' launches: the partials they pass between them (m, l, acc), and per kernel
+    (kernel, grid, runtime arguments with the tensors first, meta-parameters, tensor count).
+    q (B, Hq, M, D), k and v (B, Hkv, S, D) with unit stride in D, mask broadcastable to
+    (B, Hq, M, S) bool or None, out (B, M, Hq, D) with unit stride in D."""
     B, Hq, M, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     G = Hq // Hkv
@@ -180,23 +194,37 @@ def launch_decode(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scaling:
     part_m = torch.empty((B * Hq * M, num_splits), device=q.device, dtype=torch.float32)
     part_l = torch.empty_like(part_m)
     part_acc = torch.empty((B * Hq * M, num_splits, D), device=q.device, dtype=torch.float32)
-    # A broadcast dimension has stride 0; bytes load as Triton's int8, not its 1-bit bool.
-    m = (mask if mask is not None else q.new_ones((), dtype=torch.bool)).expand(B, Hq, M, S).view(torch.uint8)
+    # A broadcast dimension has stride 0. The bool mask goes in as it is: Triton loads a bool
+    # pointer's bytes, and Inductor cannot lower a bool -> uint8 view in a compiled step.
+    m = (mask if mask is not None else q.new_ones((), dtype=torch.bool)).expand(B, Hq, M, S)
     interpreted, block_d = triton_interpreter_enabled(), max(16, triton.next_power_of_2(D))
-    wrap_triton(_decode_partial_kernel)[(B * Hkv, num_splits)](
-        q, k, v, m, part_m, part_l, part_acc,
-        Hkv, G, M, S, split_len, num_splits, scaling * math.log2(math.e),
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        *m.stride(),
-        HEAD_DIM=D, HAS_MASK=mask is not None, IEEE=q.dtype == torch.float32, INTERPRETED=interpreted,
-        BLOCK_R=max(16, triton.next_power_of_2(G * M)), BLOCK_N=config.BLOCK_N, BLOCK_D=block_d,
-        num_warps=config.num_warps,
+    partial = (
+        _decode_partial_kernel, (B * Hkv, num_splits),
+        (q, k, v, m, part_m, part_l, part_acc,
+         Hkv, G, M, S, split_len, num_splits, scaling * math.log2(math.e),
+         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+         *m.stride()),
+        dict(HEAD_DIM=D, HAS_MASK=mask is not None, IEEE=q.dtype == torch.float32, INTERPRETED=interpreted,
+             BLOCK_R=max(16, triton.next_power_of_2(G * M)), BLOCK_N=config.BLOCK_N, BLOCK_D=block_d,
+             num_warps=config.num_warps),
+        7,
     )
-    wrap_triton(_decode_reduce_kernel)[(B * Hq * M,)](
-        part_m, part_l, part_acc, out, Hq, M, num_splits, out.stride(0), out.stride(1), out.stride(2),
-        HEAD_DIM=D, INTERPRETED=interpreted, BLOCK_S=min(16, triton.next_power_of_2(num_splits)), BLOCK_D=block_d,
-        num_warps=1 if D <= 64 else 2,
+    reduce = (
+        _decode_reduce_kernel, (B * Hq * M,),
+        (part_m, part_l, part_acc, out, Hq, M, num_splits, out.stride(0), out.stride(1), out.stride(2)),
+        dict(HEAD_DIM=D, INTERPRETED=interpreted, BLOCK_S=min(16, triton.next_power_of_2(num_splits)),
+             BLOCK_D=block_d, num_warps=1 if D <= 64 else 2),
+        4,
     )
+    return (part_m, part_l, part_acc), [partial, reduce]
+
+
+def launch_decode(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scaling: float, out: Tensor,
+                  config: DecodeConfig = DecodeConfig()) -> None:
+    """Both kernels, shapes as in decode_launches."""
+    _, kernels = decode_launches(q, k, v, mask, scaling, out, config)
+    for kernel, grid, args, meta, _ in kernels:
+        wrap_triton(kernel)[grid](*args, **meta)
 
 
 _INTERPRETED = triton_interpreter_enabled()  # a constant for Dynamo, which traces kernel_runs
@@ -243,6 +271,33 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scaling:
         raise ValueError(f"scaling must be a finite float, got {scaling!r}")
 
 
+_EAGER_LAUNCHES: dict[tuple, tuple[EagerLaunch, EagerLaunch]] = {}
+
+
+def _eager_decode(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scaling) -> Tensor:
+    """Both kernels launched from eager code, their launches resolved once per signature."""
+
+    def build() -> tuple[EagerLaunch, EagerLaunch]:
+        _check_inputs(q, k, v, mask, scaling)
+        B, Hq, M, D = q.shape
+        _, kernels = decode_launches(q, k, v, mask, float(scaling), q.new_empty((B, M, Hq, D)))
+        return tuple(EagerLaunch(kernel, grid, args, meta, n) for kernel, grid, args, meta, n in kernels)
+
+    partial, reduce = cached_launch(_EAGER_LAUNCHES, (signature(q, k, v, mask), scaling), build)
+    # The signature fixes the partials' shapes and out's. A mask of None is never read
+    # (HAS_MASK), so any pointer stands in for it.
+    B, Hq, M, D = q.shape
+    num_splits = partial.grid[1]
+    out = q.new_empty((B, M, Hq, D))
+    part_m = torch.empty((B * Hq * M, num_splits), device=q.device, dtype=torch.float32)
+    part_l = torch.empty_like(part_m)
+    part_acc = torch.empty((B * Hq * M, num_splits, D), device=q.device, dtype=torch.float32)
+    with on_device_of(q):
+        partial(q, k, v, mask if mask is not None else part_m, part_m, part_l, part_acc)
+        reduce(part_m, part_l, part_acc, out)
+    return out
+
+
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, *, scaling: float) -> Tensor:
     """Attention of M <= 16 query tokens over a KV cache, as transformers' sdpa attention computes it.
 
@@ -257,6 +312,8 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None
         tensors run the kernels; CPU tensors run the reference, or the kernels in Triton's
         interpreter when TRITON_INTERPRET=1; float64 runs the reference.
     """
+    if eager_launchable(q, k, v, mask):
+        return _eager_decode(q, k, v, mask, scaling)
     _check_inputs(q, k, v, mask, scaling)
     with on_device_of(q):
         return torch.ops.hf_fused.decode_attention(q, k, v, mask, float(scaling))
