@@ -7,6 +7,7 @@
 #   bash benchmarks/gpu_session.sh static    # why static-cache generate is slower patched, with Inductor's code
 #   bash benchmarks/gpu_session.sh tps       # tokens/s: eager, hf-static, fast-loop, Liger, sampling
 #   bash benchmarks/gpu_session.sh ops       # the op benchmarks with their peers, decode attention too
+#   bash benchmarks/gpu_session.sh final     # with the decode attention: the tests that failed, tok/s of 8B (compiled) and SmolLM2
 #   bash benchmarks/gpu_session.sh tune      # the QKV kernel's config sweep at M = 16
 #   bash benchmarks/gpu_session.sh ncu       # Nsight Compute on the 8B one-token QKV kernel
 #   bash benchmarks/gpu_session.sh attention # the decode attention: host time, GPU tests, benchmark, the 8B step's profile and tok/s with it
@@ -52,6 +53,15 @@ attention)
     step 200 tps_8b_attention.txt python3 examples/compare_tps.py --shape llama3-8b --modes eager,hf-static,fast-loop \
         --batch-sizes 1 --new-tokens 64 --repeats 2 --peers none --fuse qkv,mlp,gemv,attention --out "$out"
     ;;
+final)
+    step 110 tests_failing.txt python3 -m pytest -q -p no:cacheprovider --tb=short \
+        "tests/test_decode_attention.py::test_static_generate_matches_stock" \
+        "tests/test_patch_gpu.py::test_compiled_decode_with_decode_attention_matches_stock[qwen3-torch.bfloat16]"
+    step 220 tps_8b.txt python3 examples/compare_tps.py --shape llama3-8b --modes hf-static,fast-loop \
+        --batch-sizes 1 --new-tokens 64 --repeats 2 --peers none --fuse qkv,mlp,gemv,attention --out "$out"
+    step 200 tps_smollm2.txt python3 examples/compare_tps.py --shape smollm2-135m --modes eager,hf-static,fast-loop \
+        --batch-sizes 1 --new-tokens 64 --repeats 2 --peers none --fuse qkv,mlp,gemv,attention --out "$out"
+    ;;
 tune)
     step 240 tune_qkv_m16.txt python3 benchmarks/tune_rmsnorm_qkv.py --ms 16 --shapes llama3-8b,llama3-70b \
         --out "$out/tune_qkv_m16.json"
@@ -79,7 +89,7 @@ ops)
     done
     ;;
 *)
-    echo "usage: bash benchmarks/gpu_session.sh tests|static|tps|ops|tune|ncu|attention" >&2
+    echo "usage: bash benchmarks/gpu_session.sh tests|static|tps|ops|tune|ncu|attention|final" >&2
     exit 2
     ;;
 esac

@@ -168,7 +168,11 @@ def test_static_generate_matches_stock(fuse, left_pad, launches):
     launches.clear()
     assert torch.equal(model.generate(ids, **kwargs), want)
     # 5 decode steps x 2 layers; a padded prompt's 7 tokens come with a mask, and take the kernel too.
-    assert launches == [(2, 4, 7, 16)] * 2 * left_pad + [(2, 4, 1, 16)] * 5 * 2
+    prefill = [(2, 4, 7, 16)] * 2 * left_pad
+    if DEVICE == "cpu":
+        assert launches == prefill + [(2, 4, 1, 16)] * 5 * 2
+    else:  # generate compiles the decode step there: its graph launches the kernels, traced here once or more
+        assert launches[: len(prefill)] == prefill and (2, 4, 1, 16) in launches
     assert torch.equal(generation.generate(model, ids, 6, attention_mask=mask), want)
 
 
