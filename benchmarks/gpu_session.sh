@@ -3,14 +3,20 @@
 # with no network. Each stage writes its outputs under $OUT (./out without it) as it goes, and
 # bounds every step with a timeout, so a stage that runs long still returns what it measured.
 #
-#   bash benchmarks/gpu_session.sh tests     # the GPU tests
-#   bash benchmarks/gpu_session.sh static    # why static-cache generate is slower patched, with Inductor's code
-#   bash benchmarks/gpu_session.sh tps       # tokens/s: eager, hf-static, fast-loop, Liger, sampling
-#   bash benchmarks/gpu_session.sh ops       # the op benchmarks with their peers, decode attention too
-#   bash benchmarks/gpu_session.sh final     # with the decode attention: the tests that failed, tok/s of 8B (compiled) and SmolLM2
-#   bash benchmarks/gpu_session.sh tune      # the QKV kernel's config sweep at M = 16
-#   bash benchmarks/gpu_session.sh ncu       # Nsight Compute on the 8B one-token QKV kernel
-#   bash benchmarks/gpu_session.sh attention # the decode attention: host time, GPU tests, benchmark, the 8B step's profile and tok/s with it
+#   bash benchmarks/gpu_session.sh tests       # GPU tests of the kernels: ops, eager launches, placement, decode attention
+#   bash benchmarks/gpu_session.sh compiled    # GPU tests that compile decode steps: patched generate, hf_fused.generate
+#   bash benchmarks/gpu_session.sh profile     # the 8B fast-loop step profiled with and without the decode attention; host time
+#   bash benchmarks/gpu_session.sh tps8b       # tokens/s, 8B shape, batch 1, three modes; with the decode attention and Liger
+#   bash benchmarks/gpu_session.sh tps8b-b4    # the same at batch 4, without Liger
+#   bash benchmarks/gpu_session.sh tps-smollm2 # the same for SmolLM2-135M's shape at batch 1; then sampling in the 8B fast loop
+#   bash benchmarks/gpu_session.sh ops         # the op benchmarks with their peers, decode attention too
+#   bash benchmarks/gpu_session.sh static      # static-cache generate profiled (SmolLM2), with Inductor's code
+#   bash benchmarks/gpu_session.sh tune        # the QKV kernel's config sweep at M = 16
+#   bash benchmarks/gpu_session.sh ncu         # Nsight Compute on the 8B one-token QKV kernel
+#
+# Sizing: on an H200 a compare_tps cell of a compiled mode takes 30 to 60 s (compile and CUDA-graph
+# capture included), an eager 8B cell about 10 s. compare_tps writes its JSON and prints each cell
+# as it ends, so a stage cut by its time limit keeps the cells it measured.
 #
 # Liger-Kernel comes from a wheel in .whl/ (pip download --no-deps liger-kernel==0.8.5 -d .whl),
 # carried with the call. Keep sweeps small: a Triton config with a large fp32 tile can keep
@@ -30,9 +36,40 @@ step() {  # step SECONDS LOGNAME COMMAND...: run it bounded, log it, and say how
 
 case "${1:-}" in
 tests)
-    step 500 tests.txt python3 -m pytest -q -p no:cacheprovider -x tests/test_eager_launch.py tests/test_ops.py \
-        tests/test_ops_gate_up.py tests/test_ops_streaming_linear.py tests/test_patch_gpu.py tests/test_models.py \
-        tests/test_generation.py tests/test_decode_attention.py
+    step 540 tests.txt python3 -m pytest -q -p no:cacheprovider tests/test_eager_launch.py tests/test_ops.py \
+        tests/test_ops_gate_up.py tests/test_ops_streaming_linear.py tests/test_models.py tests/test_decode_attention.py
+    ;;
+compiled)
+    step 540 tests_compiled.txt python3 -m pytest -q -p no:cacheprovider tests/test_patch_gpu.py tests/test_generation.py
+    ;;
+profile)
+    step 60 host_overhead.txt python3 benchmarks/host_overhead.py
+    step 60 bench_decode_attention.txt python3 benchmarks/bench_decode_attention.py --out "$out"
+    for fuse in qkv,mlp,gemv qkv,mlp,gemv,attention; do
+        step 120 "profile_8b_${fuse//,/-}.txt" python3 benchmarks/profile_decode.py --shape llama3-8b --fuse "$fuse" --out "$out"
+    done
+    ;;
+tps8b | tps8b-b4 | tps-smollm2)
+    if ls .whl/*.whl >/dev/null 2>&1; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl &&
+            export PYTHONPATH="$PYTHONPATH:/tmp/site"
+    fi
+    tps=(python3 examples/compare_tps.py --modes eager,hf-static,fast-loop --new-tokens 64 --repeats 2
+        --also-fuse qkv,mlp,gemv,attention --out "$out")
+    case "$1" in
+    tps8b) step 560 tps_8b.txt "${tps[@]}" --shape llama3-8b --batch-sizes 1 ;;
+    tps8b-b4) step 560 tps_8b_b4.txt "${tps[@]}" --shape llama3-8b --batch-sizes 4 --peers none ;;
+    tps-smollm2)
+        step 420 tps_smollm2.txt "${tps[@]}" --shape smollm2-135m --batch-sizes 1
+        step 140 tps_8b_sampled.txt python3 examples/compare_tps.py --shape llama3-8b --modes fast-loop --batch-sizes 1 \
+            --new-tokens 64 --repeats 2 --peers none --do-sample --temperature 0.7 --top-p 0.9 --out "$out"
+        ;;
+    esac
+    ;;
+ops)
+    for op in rmsnorm_qkv rmsnorm_gate_up streaming_linear decode_attention; do
+        step 140 "bench_$op.txt" python3 "benchmarks/bench_$op.py" --out "$out"
+    done
     ;;
 static)
     # SmolLM2's shape compiles in seconds and shows the same patched slowdown as the 8B shape.
@@ -43,25 +80,6 @@ static)
         --repeats 2 --out "$out"
     find "$TORCHINDUCTOR_CACHE_DIR" -name '*.py' -size +40k | tar czf "$out/inductor_code.tgz" -T -
     ;;
-attention)
-    step 60 host_overhead.txt python3 benchmarks/host_overhead.py
-    step 200 tests_attention.txt python3 -m pytest -q -p no:cacheprovider tests/test_decode_attention.py \
-        tests/test_patch_gpu.py::test_compiled_decode_with_decode_attention_matches_stock tests/test_generation.py
-    step 100 bench_decode_attention.txt python3 benchmarks/bench_decode_attention.py --out "$out"
-    step 100 profile_8b_attention.txt python3 benchmarks/profile_decode.py --shape llama3-8b \
-        --fuse qkv,mlp,gemv,attention --out "$out"
-    step 200 tps_8b_attention.txt python3 examples/compare_tps.py --shape llama3-8b --modes eager,hf-static,fast-loop \
-        --batch-sizes 1 --new-tokens 64 --repeats 2 --peers none --fuse qkv,mlp,gemv,attention --out "$out"
-    ;;
-final)
-    step 110 tests_failing.txt python3 -m pytest -q -p no:cacheprovider --tb=short \
-        "tests/test_decode_attention.py::test_static_generate_matches_stock" \
-        "tests/test_patch_gpu.py::test_compiled_decode_with_decode_attention_matches_stock[qwen3-torch.bfloat16]"
-    step 220 tps_8b.txt python3 examples/compare_tps.py --shape llama3-8b --modes hf-static,fast-loop \
-        --batch-sizes 1 --new-tokens 64 --repeats 2 --peers none --fuse qkv,mlp,gemv,attention --out "$out"
-    step 200 tps_smollm2.txt python3 examples/compare_tps.py --shape smollm2-135m --modes eager,hf-static,fast-loop \
-        --batch-sizes 1 --new-tokens 64 --repeats 2 --peers none --fuse qkv,mlp,gemv,attention --out "$out"
-    ;;
 tune)
     step 240 tune_qkv_m16.txt python3 benchmarks/tune_rmsnorm_qkv.py --ms 16 --shapes llama3-8b,llama3-70b \
         --out "$out/tune_qkv_m16.json"
@@ -71,25 +89,8 @@ ncu)
         --section SpeedOfLight --section MemoryWorkloadAnalysis --section LaunchStats --section Occupancy \
         --section WarpStateStats --section SchedulerStats python3 benchmarks/ncu_target.py --op rmsnorm_qkv --m 1
     ;;
-tps)
-    if ls .whl/*.whl >/dev/null 2>&1; then
-        python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl &&
-            export PYTHONPATH="$PYTHONPATH:/tmp/site"
-    fi
-    step 280 tps_8b.txt python3 examples/compare_tps.py --shape llama3-8b --modes eager,hf-static,fast-loop \
-        --batch-sizes 1 --new-tokens 64 --repeats 2 --out "$out"
-    step 150 tps_8b_sampled.txt python3 examples/compare_tps.py --shape llama3-8b --modes fast-loop --batch-sizes 1 \
-        --new-tokens 64 --repeats 2 --peers none --do-sample --temperature 0.7 --top-p 0.9 --out "$out"
-    step 150 tps_smollm2.txt python3 examples/compare_tps.py --shape smollm2-135m --modes eager,hf-static,fast-loop \
-        --batch-sizes 1,4 --new-tokens 64 --repeats 2 --out "$out"
-    ;;
-ops)
-    for op in rmsnorm_qkv rmsnorm_gate_up streaming_linear decode_attention; do
-        step 180 "bench_$op.txt" python3 "benchmarks/bench_$op.py" --out "$out"
-    done
-    ;;
 *)
-    echo "usage: bash benchmarks/gpu_session.sh tests|static|tps|ops|tune|ncu|attention|final" >&2
+    echo "usage: bash benchmarks/gpu_session.sh tests|compiled|profile|tps8b|tps8b-b4|tps-smollm2|ops|static|tune|ncu" >&2
     exit 2
     ;;
 esac

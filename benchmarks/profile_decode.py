@@ -1,6 +1,7 @@
 """Where a decode step's time goes: each kernel of one fast-loop step against its bytes floor.
 
     python benchmarks/profile_decode.py --shape llama3-8b --fuse qkv,mlp --out out/
+    python benchmarks/profile_decode.py --table out/profile_llama3-8b_qkv-mlp_b1.json    # reprint a run
 
 It builds a random-weight model at a real shape, patches it (``--fuse none`` leaves it stock),
 runs hf_fused.generate once so the decode step is compiled and captured as a CUDA graph, then
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import torch
 from torch.autograd import DeviceType
+from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import environment, measure_copy_bandwidth  # noqa: E402
@@ -34,7 +36,7 @@ from timing import environment, measure_copy_bandwidth  # noqa: E402
 import hf_fused  # noqa: E402
 from hf_fused import generation  # noqa: E402
 from hf_fused.patches import DEFAULT_FUSE  # noqa: E402
-from hf_fused.models import SHAPES, build_random_model, weight_bytes  # noqa: E402
+from hf_fused.models import SHAPES, build_random_model, shape_config, weight_bytes  # noqa: E402
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 FUSED_AWAY = {"qkv": ("q_proj", "k_proj", "v_proj"), "mlp": ("gate_proj", "up_proj"), "gemv": ("o_proj", "down_proj")}
@@ -157,7 +159,11 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=256, help="sets the static cache length, as compare_tps")
     parser.add_argument("--steps", type=int, default=20, help="profiled decode steps, the last ones of the run")
     parser.add_argument("--out", default="out")
+    parser.add_argument("--table", metavar="JSON", help="print the tables of an earlier run's JSON and exit")
     args = parser.parse_args()
+    if args.table:
+        print_report(json.loads(Path(args.table).read_text()))
+        return
     fuse = () if args.fuse == "none" else tuple(args.fuse.split(","))
 
     bandwidth = measure_copy_bandwidth()
@@ -191,36 +197,54 @@ def main() -> None:
     outside = [{"pos": i, "kernel": names[i], "us": us[i]} for i in (*range(starts[0]), *range(end, len(names)))]
     kernels_us = sum(us)
     typical_us = sum(r["us"] for r in rows)
-    weight_floor_us = weight_bytes(model) / bandwidth * 1e6
 
     result = {**environment(), "shape": args.shape, "fuse": list(fuse), "batch": args.batch, "cache_len": cache_len,
               "copy_bandwidth_gbs": bandwidth / 1e9, "step_us": step_us, "kernels_us": kernels_us,
-              "typical_layers": len(starts), "typical_layer_us": typical_us, "layer": rows, "outside_layers": outside,
-              "step_kernels": list(zip(names, us)), "tok_s": args.batch * 1e6 / step_us}
+              "n_layers": n_layers, "typical_layers": len(starts), "typical_layer_us": typical_us, "layer": rows, "outside_layers": outside,
+              "step_kernels": list(zip(names, us)), "tok_s": args.batch * 1e6 / step_us,
+              "weight_floor_us": weight_bytes(model) / bandwidth * 1e6}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"profile_{args.shape}_{'-'.join(fuse) or 'stock'}_b{args.batch}"
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
 
-    print(f"\n{args.shape}, fuse={','.join(fuse) or 'none'}, batch {args.batch}, cache {cache_len}; "
+    print_report(result)
+
+
+def weight_floor_us(result: dict) -> float:
+    """Every weight read once at the run's copy bandwidth; runs from before this was recorded
+    get it from their shape, on a model with no storage."""
+    if "weight_floor_us" in result:
+        return result["weight_floor_us"]
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(shape_config(result["shape"]), dtype=torch.bfloat16)
+    return weight_bytes(model) / (result["copy_bandwidth_gbs"] * 1e9) * 1e6
+
+
+def print_report(result: dict) -> None:
+    """The run's tables, as printed at its end (also from its JSON: --table)."""
+    n_layers = result.get("n_layers") or shape_config(result["shape"]).num_hidden_layers
+    fuse, typical_us = result["fuse"], result["typical_layer_us"]
+    print(f"\n{result['shape']}, fuse={','.join(fuse) or 'none'}, batch {result['batch']}, cache {result['cache_len']}; "
           f"{result['gpu']}, torch {result['torch']}, triton {result['triton']}, "
-          f"transformers {result['transformers']}, {result['date']}; copy {bandwidth / 1e9:.0f} GB/s\n")
+          f"transformers {result['transformers']}, {result['date']}; copy {result['copy_bandwidth_gbs']:.0f} GB/s\n")
     print("| # | kernel | what | µs per layer | floor µs | % of floor |")
     print("| --- | --- | --- | --- | --- | --- |")
-    for r in rows:
+    for r in result["layer"]:
         floor = "-" if r["floor_us"] is None else f"{r['floor_us']:.1f}"
         pct = "-" if r["pct_of_floor"] is None else f"{r['pct_of_floor']:.0f}%"
         print(f"| {r['pos']} | `{r['kernel'][:60]}` | {r['label']} | {r['us']:.1f} | {floor} | {pct} |")
-    print("\nOutside the typical layers:\n\n| # in step | kernel | µs |\n| --- | --- | --- |")
-    for r in outside:
-        print(f"| {r['pos']} | `{r['kernel'][:60]}` | {r['us']:.1f} |")
+    if "outside_layers" in result:
+        print("\nOutside the typical layers:\n\n| # in step | kernel | µs |\n| --- | --- | --- |")
+        for r in result["outside_layers"]:
+            print(f"| {r['pos']} | `{r['kernel'][:60]}` | {r['us']:.1f} |")
     print("\n| per step | µs |\n| --- | --- |")
-    print(f"| one typical layer ({len(starts)} of {n_layers} alike) | {typical_us:.1f} |")
+    print(f"| one typical layer ({result['typical_layers']} of {n_layers} alike) | {typical_us:.1f} |")
     print(f"| {n_layers} x a typical layer | {n_layers * typical_us:.0f} |")
-    print(f"| all kernels | {kernels_us:.0f} |")
-    print(f"| step (graph replay, wall) | {step_us:.0f} ({result['tok_s']:.1f} tok/s) |")
-    print(f"| gaps between kernels | {step_us - kernels_us:.0f} |")
-    print(f"| floor: every weight once at copy bandwidth | {weight_floor_us:.0f} |")
+    print(f"| all kernels | {result['kernels_us']:.0f} |")
+    print(f"| step (graph replay, wall) | {result['step_us']:.0f} ({result['tok_s']:.1f} tok/s) |")
+    print(f"| gaps between kernels | {result['step_us'] - result['kernels_us']:.0f} |")
+    print(f"| floor: every weight once at copy bandwidth | {weight_floor_us(result):.0f} |")
 
 
 if __name__ == "__main__":

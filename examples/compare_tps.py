@@ -7,10 +7,12 @@
     torchrun --nproc-per-node 2 examples/compare_tps.py --shape llama3-8b --tp-plan auto
     python examples/compare_tps.py --do-sample --temperature 0.7 --top-p 0.9    # sampling, not greedy
     python examples/compare_tps.py --table out/compare_tps/RUN.json              # reprint a run's table
+    python examples/compare_tps.py --also-fuse qkv,mlp,gemv,attention          # a second fusion set too
 
-Modes, each run on the stock model, then on the same model object patched, then (with --peers
-liger, the default when liger-kernel is installed: pip install 'hf_fused[bench]') on it again
-unpatched with Liger-Kernel's rope, rms_norm and swiglu kernels applied:
+Modes, each run on the stock model, then on the same model object patched, then patched with
+each --also-fuse set of fusions, then (with --peers liger, the default when liger-kernel is
+installed: pip install 'hf_fused[bench]') on it again unpatched with Liger-Kernel's rope,
+rms_norm and swiglu kernels applied:
     eager      transformers' generate with its default dynamic cache
     hf-static  generate with cache_implementation="static"; on CUDA transformers compiles the
                decode step (CompileConfig mode="reduce-overhead": CUDA graphs, fullgraph=False)
@@ -89,6 +91,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--fuse", default=",".join(DEFAULT_FUSE),
                         help="comma list of the fusions patch_model applies: qkv, mlp, gemv (the default), "
                              "attention (opt-in)")
+    parser.add_argument("--also-fuse", action="append", default=[], metavar="FUSE",
+                        help="another comma list of fusions, measured as a variant of its own after patched "
+                             "(e.g. qkv,mlp,gemv,attention); repeatable")
     parser.add_argument("--peers", choices=("liger", "none"),
                         help="peer system measured in the same run, after unpatched and patched: liger "
                              "(Liger-Kernel 0.8.5) or none; default: liger if liger-kernel is installed")
@@ -101,7 +106,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--table", metavar="JSON", help="print the table of an earlier run's JSON and exit")
     args = parser.parse_args(argv)
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    args.fuse = tuple(f.strip() for f in args.fuse.split(",") if f.strip())
+    args.fuse = fuse_list(args.fuse)
+    args.also_fuse = [fuse_list(f) for f in args.also_fuse]
     unknown = set(args.modes) - set(MODES)
     if unknown:
         parser.error(f"unknown modes {sorted(unknown)}; choose from {', '.join(MODES)}")
@@ -114,6 +120,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.liger_missing = args.peers is None and not liger_installed
     args.peers = ["liger"] if liger_installed and args.peers != "none" else []
     return args
+
+
+def fuse_list(text: str) -> tuple[str, ...]:
+    return tuple(f.strip() for f in text.split(",") if f.strip())
+
+
+def fuse_variant(fuse) -> str:
+    """The variant name of an --also-fuse set: fuse=qkv+mlp+gemv+attention."""
+    return "fuse=" + "+".join(fuse)
 
 
 def sampling_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, Any] | None:
@@ -230,6 +245,28 @@ def measure_cell(model, mode: str, batch: int, args, device: torch.device, wbyte
     }
 
 
+def add_speedups(results: list[dict[str, Any]], copy_bw: float | None) -> None:
+    """Each timed cell's speedup over the unpatched cell of its mode and batch, and its share of
+    the copy bandwidth."""
+    base = {(r["mode"], r["batch"]): r.get("tok_s") for r in results if r["variant"] == "unpatched"}
+    for r in results:
+        if r.get("tok_s"):
+            r["speedup"] = r["tok_s"] / base[(r["mode"], r["batch"])] if base.get((r["mode"], r["batch"])) else None
+            r["pct_copy_bw"] = 100 * r["gb_s"] / copy_bw if copy_bw else None
+
+
+def save(path: Path, meta: dict[str, Any], results: list[dict[str, Any]], copy_bw: float | None) -> None:
+    add_speedups(results, copy_bw)
+    path.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+
+
+def refuse_to_time(json_path: Path, meta: dict[str, Any]) -> int:
+    """A failed logits check: the run's metadata is written, and nothing is timed."""
+    json_path.write_text(json.dumps({"meta": meta, "results": []}, indent=2))
+    print("logits check FAILED: no timings taken", file=sys.stderr)
+    return 1
+
+
 def fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
@@ -252,7 +289,9 @@ def markdown_table(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     peers = meta.get("peers", [])  # runs from before --peers have none
     liger = f", liger-kernel {meta['liger']['version']}" if "liger" in peers else ""
     fuse = f", fuse={'+'.join(meta['fuse'])}" if "fuse" in meta else ""  # runs from before --fuse have none
+    extras = [fuse_variant(f) for f in meta.get("also_fuse", [])]  # runs from before --also-fuse have none
     columns = ["mode", "batch", "unpatched tok/s", "patched tok/s", "speedup"]
+    columns += [column for extra in extras for column in (f"{extra} tok/s", f"{extra} speedup")]
     if "liger" in peers:
         columns += ["liger tok/s", "liger speedup"]
     columns += ["patched ms/token", "patched GB/s", "% of copy BW", "peak mem GiB"]
@@ -276,6 +315,10 @@ def markdown_table(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             base, pat = cells.get((mode, batch, "unpatched"), {}), cells.get((mode, batch, "patched"), {})
             row = [mode, str(batch), fmt(base.get("tok_s"), ".1f"), fmt(pat.get("tok_s"), ".1f"),
                    f"{fmt(pat.get('speedup'), '.2f')}x"]
+            for extra in extras:
+                cell = cells.get((mode, batch, extra), {})
+                row += ([f"fails: {short_reason(cell['error'])}", "-"] if "error" in cell
+                        else [fmt(cell.get("tok_s"), ".1f"), f"{fmt(cell.get('speedup'), '.2f')}x"])
             if "liger" in peers:
                 peer = cells.get((mode, batch, "liger"), {})
                 if "error" in peer:
@@ -298,7 +341,7 @@ def plot(results: list[dict[str, Any]], meta: dict[str, Any], path: Path) -> str
         return "matplotlib is not installed: no chart (pip install matplotlib)"
     labels = [f"{m}\nbatch {b}" for m in meta["modes"] for b in meta["batch_sizes"]]
     cells = {(r["mode"], r["batch"], r["variant"]): r.get("tok_s") or 0.0 for r in results}
-    variants = [*VARIANTS, *meta["peers"]]
+    variants = [*VARIANTS, *(fuse_variant(f) for f in meta.get("also_fuse", [])), *meta["peers"]]
     fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(variants) * len(labels)), 4.5))
     width = 0.8 / len(variants)
     for i, variant in enumerate(variants):
@@ -402,6 +445,7 @@ def main(argv: list[str] | None = None) -> int:
         "world_size": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1,
         "kernel_path": kernel_path(device),
         "fuse": list(args.fuse),
+        "also_fuse": [list(f) for f in args.also_fuse],
         "modes": args.modes,
         "batch_sizes": args.batch_sizes,
         "prompt_len": args.prompt_len,
@@ -417,7 +461,8 @@ def main(argv: list[str] | None = None) -> int:
             "ms_per_token": "decode time per step, ms",
             "gb_s": "weight bytes * decode steps/s (each step reads every weight once)",
             "pct_copy_bw": "gb_s / measured device-to-device copy bandwidth (read + write bytes)",
-            "speedup": "tok/s of the variant (patched, or a peer) / unpatched tok/s, same mode and batch",
+            "speedup": "tok/s of the variant (patched, an --also-fuse set, or a peer) / unpatched tok/s, "
+                       "same mode and batch",
             "peak_mem_gib": "torch.cuda.max_memory_allocated over the timed runs of the cell, weights included",
         },
     }
@@ -447,18 +492,28 @@ def main(argv: list[str] | None = None) -> int:
     print(f"logits check: max |diff| {report.max_abs_diff:.3g}, relative error {report.rel_err:.3g} "
           f"(limit {report.rtol:g}), top-1 agreement {report.top1_agreement:.1%}")
     if not report.ok:
-        json_path.write_text(json.dumps({"meta": meta, "results": []}, indent=2))
-        print("logits check FAILED: no timings taken", file=sys.stderr)
-        return 1
+        return refuse_to_time(json_path, meta)
     hf_fused.unpatch_model(model)
+    for fuse in args.also_fuse:
+        extra = hf_fused.verify_patch(hf_fused.patch_model(model, fuse=fuse), check_ids)
+        hf_fused.unpatch_model(model)
+        meta.setdefault("verify_also_fuse", {})[fuse_variant(fuse)] = {"rel_err": extra.rel_err, "ok": extra.ok}
+        print(f"logits check, {fuse_variant(fuse)}: relative error {extra.rel_err:.3g}, "
+              f"top-1 agreement {extra.top1_agreement:.1%}")
+        if not extra.ok:
+            return refuse_to_time(json_path, meta)
 
     results: list[dict[str, Any]] = []
-    variants = [*VARIANTS, *args.peers]
+    extras = {fuse_variant(f): f for f in args.also_fuse}
+    variants = [*VARIANTS, *extras, *args.peers]
     bar = progress(len(variants) * len(args.modes) * len(args.batch_sizes), shown=main_rank)
     for variant in variants:
         setup_error = None
         if variant == "patched":
             hf_fused.patch_model(model, fuse=args.fuse)
+        elif variant in extras:
+            hf_fused.unpatch_model(model)
+            hf_fused.patch_model(model, fuse=extras[variant])
         elif variant == "liger":
             # Last, on this same model, with hf_fused's modules taken out first. Liger rebinds the
             # forwards of this model's norms and MLPs, and replaces the rotary function and the
@@ -495,26 +550,26 @@ def main(argv: list[str] | None = None) -> int:
                         print(f"\n{variant} {mode} batch {batch} failed:\n{traceback.format_exc()}",
                               file=sys.stderr)
                 results.append(cell)
+                # Each cell is written out and printed as it ends: a run stopped by a time limit
+                # keeps what it measured (--table reprints the file).
+                if main_rank:
+                    save(json_path, meta, results, copy_bw)
+                    done = (f"{cell['tok_s']:.1f} tok/s, {cell['ms_per_token']:.2f} ms/token" if "tok_s" in cell
+                            else f"fails: {short_reason(cell['error'])}")
+                    print(f"{variant} {mode} batch {batch}: {done}", flush=True)
                 if bar is not None:
                     bar.update()
     if bar is not None:
         bar.close()
     hf_fused.unpatch_model(model)
 
-    base = {(r["mode"], r["batch"]): r.get("tok_s") for r in results if r["variant"] == "unpatched"}
-    for r in results:
-        if r.get("tok_s"):
-            r["speedup"] = r["tok_s"] / base[(r["mode"], r["batch"])] if base.get((r["mode"], r["batch"])) else None
-            r["pct_copy_bw"] = 100 * r["gb_s"] / copy_bw if copy_bw else None
-
     if main_rank:
-        json_path.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
         print(f"results: {json_path}")
         print(plot(results, meta, png_path))
     print()
     print(markdown_table(results, meta))
     # A peer's failure is one of its results (Liger can't run under a fullgraph compile), not a failed run.
-    return 1 if any("error" in r for r in results if r["variant"] in VARIANTS) else 0
+    return 1 if any("error" in r for r in results if r["variant"] in (*VARIANTS, *extras)) else 0
 
 
 if __name__ == "__main__":

@@ -56,6 +56,49 @@ def test_compare_tps_patches_the_chosen_fusions(tmp_path, capsys):
     assert meta["fuse"] == ["qkv", "mlp"] and meta["patched_layers"] == 2 and meta["verify"]["ok"] and meta["verify"]["top1_agreement"] == 1.0
 
 
+def test_compare_tps_measures_another_fusion_set_in_the_same_run(tmp_path, capsys):
+    argv = ["--shape", "tiny-llama", "--device", "cpu", "--modes", "eager", "--batch-sizes", "1", "--prompt-len", "8",
+            "--new-tokens", "2", "--repeats", "1", "--fuse", "qkv", "--also-fuse", "qkv,mlp,gemv,attention",
+            "--peers", "none", "--out", str(tmp_path)]
+    assert load("compare_tps").main(argv) == 0
+    out = capsys.readouterr().out
+    assert "| fuse=qkv+mlp+gemv+attention tok/s | fuse=qkv+mlp+gemv+attention speedup |" in out
+    (json_path,) = tmp_path.glob("tiny-llama-cpu-*.json")
+    run = json.loads(json_path.read_text())
+    assert run["meta"]["also_fuse"] == [["qkv", "mlp", "gemv", "attention"]]
+    assert run["meta"]["verify_also_fuse"]["fuse=qkv+mlp+gemv+attention"]["ok"]
+    variants = [r["variant"] for r in run["results"]]
+    assert variants == ["unpatched", "patched", "fuse=qkv+mlp+gemv+attention"]
+    assert all(r["tok_s"] > 0 and r["speedup"] > 0 for r in run["results"])
+
+
+def test_compare_tps_keeps_each_cell_as_it_ends(tmp_path, capsys, monkeypatch):
+    """A run stopped before its end (a GPU call's time limit) keeps the cells it measured."""
+    compare_tps = load("compare_tps")
+    measure = compare_tps.measure_cell
+    timed_cells = []
+
+    def measure_then_stop(model, mode, batch, *args):
+        if len(timed_cells) == 3:
+            raise KeyboardInterrupt  # stands in for the time limit's kill
+        timed_cells.append((mode, batch))
+        return measure(model, mode, batch, *args)
+
+    monkeypatch.setattr(compare_tps, "measure_cell", measure_then_stop)
+    argv = ["--shape", "tiny-llama", "--device", "cpu", "--modes", "eager,fast-loop", "--batch-sizes", "1",
+            "--prompt-len", "8", "--new-tokens", "2", "--repeats", "1", "--peers", "none", "--out", str(tmp_path)]
+    with pytest.raises(KeyboardInterrupt):
+        compare_tps.main(argv)
+    out = capsys.readouterr().out
+    assert "unpatched eager batch 1: " in out and "patched eager batch 1: " in out and " tok/s, " in out
+    (json_path,) = tmp_path.glob("tiny-llama-cpu-*.json")
+    results = json.loads(json_path.read_text())["results"]
+    assert [(r["variant"], r["mode"]) for r in results] == [("unpatched", "eager"), ("unpatched", "fast-loop"),
+                                                             ("patched", "eager")]
+    assert results[2]["speedup"] > 0
+    assert compare_tps.main(["--table", str(json_path)]) == 0
+
+
 def test_compare_tps_rejects_unknown_mode():
     with pytest.raises(SystemExit):
         load("compare_tps").main(["--shape", "tiny-llama", "--modes", "warp-drive"])

@@ -46,23 +46,32 @@ def test_static_cache_generate_on_gpu(family, fuse):
 
 
 def agreeing_tokens(a: torch.Tensor, b: torch.Tensor) -> int:
-    """How many leading positions two (B, S) token tensors share in every row."""
-    differs = (a != b).any(0).nonzero()
-    return a.shape[1] if len(differs) == 0 else int(differs[0])
+    """How many leading positions two (B, S) token tensors share in every row (up to the shorter)."""
+    n = min(a.shape[1], b.shape[1])
+    differs = (a[:, :n] != b[:, :n]).any(0).nonzero()
+    return n if len(differs) == 0 else int(differs[0])
 
 
-# Compiled decoding with every fusion, the decode attention too, gives the tokens of stock compiled
-# decoding, as far as stock's own eager and compiled decoding agree with each other: transformers'
-# static-cache generate (which compiles its decode step) for every family, and hf_fused.generate
-# for those without sliding-window layers (it refuses them). gemma2's softcap keeps transformers'
-# eager attention, mistral's sliding window sdpa's: both logged.
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2", "mistral"])
-def test_compiled_decode_with_decode_attention_matches_stock(family, dtype):
+FUSE_WITH_ATTENTION = ("qkv", "mlp", "gemv", "attention")
+# gemma2's softcap keeps transformers' eager attention, mistral's sliding window sdpa's (both logged);
+# hf_fused.generate refuses sliding-window caches, so it decodes llama and qwen3 only.
+DECODE_FAMILIES = ["llama", "qwen3", "gemma2", "mistral"]
+
+
+def stock_and_patched(family: str, dtype: torch.dtype):
+    """A tiny model of the family on the GPU, a patched copy with the decode attention, and a prompt."""
     stock = build(family).to("cuda", dtype)
-    patched = hf_fused.patch_model(copy.deepcopy(stock), fuse=("qkv", "mlp", "gemv", "attention"))
+    patched = hf_fused.patch_model(copy.deepcopy(stock), fuse=FUSE_WITH_ATTENTION)
     ids, mask = prompt()
-    ids, mask = ids.cuda(), mask.cuda()
+    return stock, patched, ids.cuda(), mask.cuda()
+
+
+# fp32: compiled decoding with every fusion, the decode attention too, gives the tokens of stock
+# compiled decoding, which here agrees with stock eager decoding on every token: in transformers'
+# static-cache generate (which compiles its decode step), and in hf_fused.generate.
+@pytest.mark.parametrize("family", DECODE_FAMILIES)
+def test_compiled_decode_with_decode_attention_matches_stock(family):
+    stock, patched, ids, mask = stock_and_patched(family, torch.float32)
     new = 20
     kwargs = dict(attention_mask=mask, max_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0)
     decoders = {"generate, static cache": lambda m: m.generate(ids, cache_implementation="static", **kwargs)}
@@ -75,8 +84,29 @@ def test_compiled_decode_with_decode_attention_matches_stock(family, dtype):
             stock_compiled = decode(stock)
             torch._dynamo.reset()
             fused = decode(patched)
-            agree = agreeing_tokens(stock_eager, stock_compiled)
-            # fp32 leaves no room for the paths to part; bf16 may round a near-tie either way.
-            assert agree >= ids.shape[1] + (new if dtype == torch.float32 else 1), f"{name}: stock paths agree on {agree}"
-            fused_agree = agreeing_tokens(fused, stock_compiled)
-            assert fused_agree >= agree, f"{name}: fused agrees with stock on {fused_agree}, stock's paths on {agree}"
+            assert agreeing_tokens(stock_eager, stock_compiled) == stock_compiled.shape[1], name
+            assert torch.equal(fused, stock_compiled), name
+
+
+# bf16: stock's own eager and compiled paths part at near-ties, and the patched model's other
+# roundings may part earlier (qwen3 on an H200: after 17 of 20 tokens, where stock's paths agreed
+# on 19). So the patched model's compiled tokens must match stock compiled decoding up to a step
+# where stock's own logits hold a near-tie between its token and the patched one.
+@pytest.mark.parametrize("family", DECODE_FAMILIES)
+def test_bf16_compiled_decode_parts_from_stock_only_at_a_near_tie(family):
+    stock, patched, ids, mask = stock_and_patched(family, torch.bfloat16)
+    kwargs = dict(attention_mask=mask, max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0,
+                  cache_implementation="static", return_dict_in_generate=True, output_logits=True)
+    with torch.no_grad():
+        torch._dynamo.reset()
+        want = stock.generate(ids, **kwargs)
+        torch._dynamo.reset()
+        got = patched.generate(ids, **kwargs).sequences
+    n = agreeing_tokens(got, want.sequences)
+    if n == want.sequences.shape[1]:
+        return
+    logits = want.logits[n - ids.shape[1]].float()  # stock's logits for position n
+    for row in (got[:, n] != want.sequences[:, n]).nonzero().flatten().tolist():
+        best = logits[row].max()
+        gap = float(best - logits[row, got[row, n]])
+        assert gap <= 0.05 + 0.05 * float(best.abs()), f"row {row} parts at token {n} by a logit gap of {gap:.3f}"

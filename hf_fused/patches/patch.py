@@ -79,7 +79,8 @@ STREAMED = (("self_attn", "o_proj"), ("mlp", "down_proj"))
 # On an H100 each helped a CUDA-graph decode of the Llama-3-8B shape at batch 1, 4 and 16
 # (README, "Measured speed").
 DEFAULT_FUSE = (*KINDS, "gemv")
-# fuse="attention" (patches/attention.py) is opt-in: it has not been measured on a GPU yet.
+# fuse="attention" (patches/attention.py) is opt-in until measured against the default in every
+# way of decoding (docs/h200/session3/README.md has its op and step measurements).
 FUSIONS = (*DEFAULT_FUSE, "attention")
 
 
@@ -356,9 +357,9 @@ def patch_model(model: nn.Module, *, verify: bool = False, fuse: tuple[str, ...]
         the same Parameters: hf_fused.ops.streaming_linear, a weight-streaming GEMV at one token,
         cuBLAS for more. Projections that are not plain nn.Linear, tensor-parallel or hooked
         stay as they are, logged.
-      - "attention" (opt-in, not yet measured on a GPU): attention of up to 16 query tokens over
-        the cache runs hf_fused.ops.decode_attention, chosen on this model's config under a new
-        attention name; everything else (prefill, softcap, sliding window, ...) stays sdpa's.
+      - "attention" (opt-in): attention of up to 16 query tokens over the cache runs
+        hf_fused.ops.decode_attention, chosen on this model's config under a new attention
+        name; everything else (prefill, softcap, sliding window, ...) stays sdpa's.
         Only for a model that runs transformers' "sdpa" attention (patches/attention.py).
     The default is the first three, each measured to help a compiled (CUDA-graph) decode on a GPU,
     and together eager ``generate`` (README, "Measured speed").
