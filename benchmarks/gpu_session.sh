@@ -9,7 +9,8 @@
 #   bash benchmarks/gpu_session.sh tps8b       # tokens/s, 8B shape, batch 1, three modes; with the decode attention and Liger
 #   bash benchmarks/gpu_session.sh tps8b-b4    # the same at batch 4, without Liger
 #   bash benchmarks/gpu_session.sh tps-smollm2 # the same for SmolLM2-135M's shape at batch 1; then sampling in the 8B fast loop
-#   bash benchmarks/gpu_session.sh ops         # the op benchmarks with their peers, decode attention too
+#   bash benchmarks/gpu_session.sh ops         # the three weight ops against their peers at M = 1, 4, 16, every shape
+#   bash benchmarks/gpu_session.sh ops-prefill # the QKV op at prefill sizes; the decode attention
 #   bash benchmarks/gpu_session.sh static      # static-cache generate profiled (SmolLM2), with Inductor's code
 #   bash benchmarks/gpu_session.sh tune        # the QKV kernel's config sweep at M = 16
 #   bash benchmarks/gpu_session.sh ncu         # Nsight Compute on the 8B one-token QKV kernel
@@ -67,9 +68,14 @@ tps8b | tps8b-b4 | tps-smollm2)
     esac
     ;;
 ops)
-    for op in rmsnorm_qkv rmsnorm_gate_up streaming_linear decode_attention; do
-        step 140 "bench_$op.txt" python3 "benchmarks/bench_$op.py" --out "$out"
+    # Decode sizes, every shape: the issue's targets are at M = 1, 4 and 16.
+    for op in rmsnorm_qkv rmsnorm_gate_up streaming_linear; do
+        step 170 "bench_$op.txt" python3 "benchmarks/bench_$op.py" --ms 1,4,16 --out "$out"
     done
+    ;;
+ops-prefill)
+    step 280 bench_rmsnorm_qkv_prefill.txt python3 benchmarks/bench_rmsnorm_qkv.py --ms 256,2048,16384 --out "$out"
+    step 100 bench_decode_attention.txt python3 benchmarks/bench_decode_attention.py --out "$out"
     ;;
 static)
     # SmolLM2's shape compiles in seconds and shows the same patched slowdown as the 8B shape.
@@ -90,7 +96,7 @@ ncu)
         --section WarpStateStats --section SchedulerStats python3 benchmarks/ncu_target.py --op rmsnorm_qkv --m 1
     ;;
 *)
-    echo "usage: bash benchmarks/gpu_session.sh tests|compiled|profile|tps8b|tps8b-b4|tps-smollm2|ops|static|tune|ncu" >&2
+    echo "usage: bash benchmarks/gpu_session.sh tests|compiled|profile|tps8b|tps8b-b4|tps-smollm2|ops|ops-prefill|static|tune|ncu" >&2
     exit 2
     ;;
 esac

@@ -247,6 +247,22 @@ def test_what_the_kernel_cannot_express_goes_to_sdpa(kwargs, reason, launches, c
     assert reason in caplog.text
 
 
+def test_eager_decoding_over_a_dynamic_cache_goes_to_sdpa(launches, caplog, monkeypatch):
+    """No mask and one query token is transformers' dynamic cache: its length changes every step."""
+    monkeypatch.setattr(importlib.import_module("hf_fused.patches.attention"), "_logged", set())
+    q, k, v, _ = make_inputs(2, 4, 2, 1, 20, 16, torch.float32, [20, 20])
+    module = SimpleNamespace(num_key_value_groups=2, is_causal=True)
+    want = sdpa_attention_forward(module, q, k, v, None, scaling=0.25)[0]
+    with caplog.at_level(logging.INFO, logger="hf_fused"):
+        got = decode_attention_forward(module, q, k, v, None, scaling=0.25)[0]
+    assert torch.equal(got, want) and not launches
+    assert "a dynamic cache" in caplog.text
+    # Traced, the same call takes the kernel: a compiled step launches it from its graph.
+    compiled = torch.compile(lambda *a: decode_attention_forward(module, *a, None, scaling=0.25)[0], backend="eager")
+    torch.testing.assert_close(compiled(q, k, v), want, rtol=1e-4, atol=1e-5)
+    assert launches == [(2, 4, 1, 16)]
+
+
 @pytest.mark.parametrize("backend", ["eager", "aot_eager"])
 def test_compiled_decode_step_has_no_graph_break(backend):
     stock = tiny()

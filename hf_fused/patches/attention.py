@@ -9,9 +9,9 @@ share it); unpatch_model puts the previous name back.
 
 Under the new name masks are built by sdpa's mask function, and the attention function runs
 the decode kernel only where it computes what sdpa computes on the same inputs: at most
-MAX_QUERY query tokens, a boolean mask (or none, for one token), no softcap, sliding window,
-sinks, dropout, position bias or output_attentions. Every other call, prefill included, goes to
-transformers' sdpa function unchanged, logged once per reason.
+MAX_QUERY query tokens, a boolean mask (or none, for one token in compiled code), no softcap,
+sliding window, sinks, dropout, position bias or output_attentions. Every other call, prefill
+included, goes to transformers' sdpa function unchanged, logged once per reason.
 """
 
 from __future__ import annotations
@@ -34,8 +34,9 @@ _logged: set[str] = set()
 
 
 def _delegated(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, dropout: float, kwargs: dict) -> str | None:
-    """Why this call can't run the decode kernel exactly, or None if it can. Decided on shapes,
-    dtypes and arguments only, so that a compiled step makes the same choice every call."""
+    """Why this call can't run the decode kernel exactly, or should not, or None if it can.
+    Decided on shapes, dtypes and arguments only (and whether the call is traced), so that a
+    compiled step makes the same choice every call."""
     (B, Hq, M, D), (Hkv, S) = query.shape, key.shape[1:3]
     if M > MAX_QUERY:
         return f"more than {MAX_QUERY} query tokens (prefill)"
@@ -46,6 +47,11 @@ def _delegated(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, d
         return "dropout or output_attentions"
     if mask is None and M > 1:
         return "several query tokens and no mask (sdpa's is_causal)"
+    if mask is None and not torch.compiler.is_compiling():
+        # Transformers' dynamic cache: its keys grow every step, so each eager call would resolve
+        # the kernels' launch anew, which costs more host time than sdpa's call (eager decoding is
+        # bound by host time). Static caches come with a mask, and compiled steps launch from a graph.
+        return "eager decoding with no mask (a dynamic cache, whose length changes every step)"
     if mask is not None and (mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[2:] != (M, S)
                              or mask.shape[0] not in (1, B) or mask.shape[1] not in (1, Hq)):
         return "a mask that is not a (B, 1, M, S) boolean one"
