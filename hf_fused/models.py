@@ -167,7 +167,11 @@ def load_default_model(
 
 def random_checkpoint(shape: str, dtype: torch.dtype) -> str:
     """A saved checkpoint of ``build_random_model(shape, dtype)`` in the temp folder, for loaders
-    that read a folder (``device_map``, ``tp_plan``). Written once, by one process when distributed."""
+    that read a folder (``device_map``, ``tp_plan``). Written once, by one process when distributed.
+
+    It is built on the GPU when there is one, as ``load_model`` builds an unplaced shape there, so
+    that placed and unplaced loads of a shape hold the same weights (a seed gives other values on
+    another device)."""
     folder = os.path.join(tempfile.gettempdir(), f"hf_fused_{shape}_{str(dtype).removeprefix('torch.')}")
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     if not os.path.exists(os.path.join(folder, "config.json")) and (not distributed or torch.distributed.get_rank() == 0):
