@@ -181,19 +181,23 @@ def _decode_reduce_kernel(
     tl.store(out_ptrs, _round_to(out, out_ptr.dtype.element_ty, INTERPRETED), mask=offs_d < HEAD_DIM)
 
 
+def _partials(rows: int, num_splits: int, D: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """What the split kernel writes for the merge: per query row and split, the running max, the
+    running sum and the fp32 accumulator."""
+    part_m = torch.empty((rows, num_splits), device=device, dtype=torch.float32)
+    return part_m, torch.empty_like(part_m), torch.empty((rows, num_splits, D), device=device, dtype=torch.float32)
+
+
 def decode_launches(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scaling: float, out: Tensor,
-                    config: DecodeConfig = DecodeConfig()) -> tuple[tuple[Tensor, Tensor, Tensor], list[tuple]]:
-    """Both kernels' launches: the partials they pass between them (m, l, acc), and per kernel
-    (kernel, grid, runtime arguments with the tensors first, meta-parameters, tensor count).
-    q (B, Hq, M, D), k and v (B, Hkv, S, D) with unit stride in D, mask broadcastable to
-    (B, Hq, M, S) bool or None, out (B, M, Hq, D) with unit stride in D."""
+                    config: DecodeConfig = DecodeConfig()) -> list[tuple]:
+    """Both kernels' launches, each (kernel, grid, runtime arguments with the tensors first,
+    meta-parameters, tensor count). q (B, Hq, M, D), k and v (B, Hkv, S, D) with unit stride in
+    D, mask broadcastable to (B, Hq, M, S) bool or None, out (B, M, Hq, D) with unit stride in D."""
     B, Hq, M, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     G = Hq // Hkv
     num_splits, split_len = split_keys(B * Hkv, S, config.BLOCK_N, q.device, config.num_splits)
-    part_m = torch.empty((B * Hq * M, num_splits), device=q.device, dtype=torch.float32)
-    part_l = torch.empty_like(part_m)
-    part_acc = torch.empty((B * Hq * M, num_splits, D), device=q.device, dtype=torch.float32)
+    part_m, part_l, part_acc = _partials(B * Hq * M, num_splits, D, q.device)
     # A broadcast dimension has stride 0. The bool mask goes in as it is: Triton loads a bool
     # pointer's bytes, and Inductor cannot lower a bool -> uint8 view in a compiled step.
     m = (mask if mask is not None else q.new_ones((), dtype=torch.bool)).expand(B, Hq, M, S)
@@ -216,14 +220,13 @@ def decode_launches(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scalin
              BLOCK_D=block_d, num_warps=1 if D <= 64 else 2),
         4,
     )
-    return (part_m, part_l, part_acc), [partial, reduce]
+    return [partial, reduce]
 
 
 def launch_decode(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scaling: float, out: Tensor,
                   config: DecodeConfig = DecodeConfig()) -> None:
     """Both kernels, shapes as in decode_launches."""
-    _, kernels = decode_launches(q, k, v, mask, scaling, out, config)
-    for kernel, grid, args, meta, _ in kernels:
+    for kernel, grid, args, meta, _ in decode_launches(q, k, v, mask, scaling, out, config):
         wrap_triton(kernel)[grid](*args, **meta)
 
 
@@ -280,18 +283,15 @@ def _eager_decode(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scaling)
     def build() -> tuple[EagerLaunch, EagerLaunch]:
         _check_inputs(q, k, v, mask, scaling)
         B, Hq, M, D = q.shape
-        _, kernels = decode_launches(q, k, v, mask, float(scaling), q.new_empty((B, M, Hq, D)))
+        kernels = decode_launches(q, k, v, mask, float(scaling), q.new_empty((B, M, Hq, D)))
         return tuple(EagerLaunch(kernel, grid, args, meta, n) for kernel, grid, args, meta, n in kernels)
 
     partial, reduce = cached_launch(_EAGER_LAUNCHES, (signature(q, k, v, mask), scaling), build)
     # The signature fixes the partials' shapes and out's. A mask of None is never read
     # (HAS_MASK), so any pointer stands in for it.
     B, Hq, M, D = q.shape
-    num_splits = partial.grid[1]
     out = q.new_empty((B, M, Hq, D))
-    part_m = torch.empty((B * Hq * M, num_splits), device=q.device, dtype=torch.float32)
-    part_l = torch.empty_like(part_m)
-    part_acc = torch.empty((B * Hq * M, num_splits, D), device=q.device, dtype=torch.float32)
+    part_m, part_l, part_acc = _partials(B * Hq * M, partial.grid[1], D, q.device)
     with on_device_of(q):
         partial(q, k, v, mask if mask is not None else part_m, part_m, part_l, part_acc)
         reduce(part_m, part_l, part_acc, out)
