@@ -99,13 +99,18 @@ ARGMAX_CHUNKS = 128
 
 
 def argmax(logits: Tensor) -> Tensor:
-    """``logits.argmax(-1)`` of ``(B, V)`` logits, the first index of the maximum, in two passes.
+    """``logits.argmax(-1)`` of ``(B, V)`` logits: torch's in eager code, two passes when traced.
 
     Inductor reduces an argmax in one program per row: over a 128k vocabulary that took 30 µs of
-    an 8B decode step on an H200 (docs/profile_decode.md). The first pass here takes each of
-    ARGMAX_CHUNKS chunks' maximum and its first index in parallel; the first chunk holding the
-    overall maximum then holds its first index.
+    an 8B decode step on an H200 (docs/profile_decode.md). Eager torch.argmax is already a
+    parallel reduction, and one call costs less host time than the two passes.
     """
+    return _two_pass_argmax(logits) if torch.compiler.is_compiling() else logits.argmax(dim=-1)
+
+
+def _two_pass_argmax(logits: Tensor) -> Tensor:
+    """The first index of each row's maximum: each of ARGMAX_CHUNKS chunks' maximum and its
+    first index in parallel, then the first chunk holding the overall maximum."""
     batch, vocab = logits.shape
     chunk = -(-vocab // ARGMAX_CHUNKS)
     padded = torch.nn.functional.pad(logits, (0, chunk * ARGMAX_CHUNKS - vocab), value=float("-inf"))

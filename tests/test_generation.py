@@ -125,6 +125,7 @@ def test_two_pass_argmax_is_the_first_maximum(vocab):
     # Few distinct values, so rows hold ties, in and across chunks; one row is all -inf.
     logits = torch.randint(0, 4, (4, vocab), generator=generator).float()
     logits[3] = float("-inf")
+    assert torch.equal(generation._two_pass_argmax(logits), logits.argmax(-1))
     assert torch.equal(generation.argmax(logits), logits.argmax(-1))
     assert torch.equal(torch.compile(generation.argmax)(logits), logits.argmax(-1))
 
