@@ -27,10 +27,12 @@ def make_inputs(M, K, N, dtype, *, bias=False, device=DEVICE, seed=0):
     return x.to(**to), weight.to(**to), None if b is None else b.to(**to)
 
 
-def assert_close_to_reference(y, x, weight, bias):
+def assert_close_to_reference(y, x, weight, bias, residual=None):
     """The rule from flash-attention's tests: at most 2x PyTorch's own error, plus a small atol."""
     exact = F.linear(x.cpu().double(), weight.cpu().double(), None if bias is None else bias.cpu().double())
     torch_out = F.linear(x, weight, bias)
+    if residual is not None:  # as the stock decoder layer adds it
+        exact, torch_out = exact + residual.cpu().double(), residual + torch_out
     assert y.shape == torch_out.shape and y.dtype == x.dtype
     assert torch.isfinite(y).all()
     kernel_err = (y.cpu().double() - exact).abs().max().item()
@@ -47,6 +49,16 @@ def assert_close_to_reference(y, x, weight, bias):
 def test_kernel_accuracy(M, N, K, bias, dtype):
     x, weight, b = make_inputs(M, K, N, dtype, bias=bias, seed=M + K)
     assert_close_to_reference(streaming_linear(x, weight, b), x, weight, b)
+
+
+@pytest.mark.parametrize("M", [1, 3])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_residual_is_added(M, dtype):
+    """A decoder layer's residual add, in the kernel's epilogue at one token."""
+    x, weight, b = make_inputs(M, 1100, 96, dtype, bias=True, seed=M)
+    residual = (10 * torch.randn(M, 96, generator=torch.Generator().manual_seed(5))).to(x)
+    assert_close_to_reference(streaming_linear(x, weight, b, residual), x, weight, b, residual)
+    assert_close_to_reference(streaming_linear(x[None], weight, None, residual[None])[0], x, weight, None, residual)
 
 
 def test_one_token_runs_the_kernel(monkeypatch):
@@ -104,12 +116,16 @@ BAD_INPUTS = [
     ("integer input", dict(x=torch.ones(1, 64, dtype=torch.int32)), "float16, bfloat16 or float32"),
     ("K of 0", dict(x=torch.ones(1, 0), weight=torch.ones(96, 0)), "K"),
     ("devices differ", dict(bias=torch.ones(96, device="meta")), "device"),
+    ("residual of the wrong shape", dict(residual=torch.ones(96)), "residual must have the output's shape"),
+    ("residual of the wrong dtype", dict(residual=torch.ones(1, 96, dtype=torch.float16)), "dtype"),
+    ("strided residual", dict(residual=torch.ones(1, 192)[:, ::2]), "residual must be contiguous"),
+    ("residual for many tokens", dict(x=torch.ones(3, 64), residual=torch.ones(1, 96)), "residual must have"),
 ]
 
 
 @pytest.mark.parametrize("case, override, message", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
 def test_bad_input_is_a_clear_value_error(case, override, message):
-    args = dict(x=torch.ones(1, 64), weight=torch.ones(96, 64), bias=None)
+    args = dict(x=torch.ones(1, 64), weight=torch.ones(96, 64), bias=None, residual=None)
     args.update(override)
     with pytest.raises(ValueError, match=message):
         streaming_linear(**args)
@@ -120,6 +136,7 @@ def test_opcheck(M):
     x, weight, bias = make_inputs(M, 64, 96, torch.float32, bias=True)
     torch.library.opcheck(torch.ops.hf_fused.streaming_linear, (x, weight, bias))
     torch.library.opcheck(torch.ops.hf_fused.streaming_linear, (x[None], weight, None))
+    torch.library.opcheck(torch.ops.hf_fused.streaming_linear, (x, weight, None, torch.randn(M, 96)))
 
 
 def test_compiles_without_graph_break():
@@ -142,6 +159,8 @@ def test_real_sizes_on_gpu(shape, dtype):
     K, N = REAL_SHAPES[shape]
     x, weight, _ = make_inputs(1, K, N, dtype, seed=K)
     assert_close_to_reference(streaming_linear(x, weight), x, weight, None)
+    residual = torch.randn(1, N, device=x.device, dtype=dtype)
+    assert_close_to_reference(streaming_linear(x, weight, None, residual), x, weight, None, residual)
 
 
 @requires_cuda

@@ -12,11 +12,13 @@ from transformers import AutoConfig, AutoModelForCausalLM
 import hf_fused
 from hf_fused.patches import SPECS, FamilySpec
 from hf_fused.patches.fused import (
+    DeferredOProj,
     FusedMLP,
     FusedRMSNormGateUp,
     FusedRMSNormQKV,
     PackedPassThrough,
     PassThroughNorm,
+    ResidualFusedLayer,
     StreamingLinear,
     feed_fused_qkv,
 )
@@ -59,7 +61,8 @@ EAGER_ONLY = {"gemma2"}  # transformers has no sdpa path with its logit softcapp
 LOW_PRECISION_ATOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
 MLP = ("qkv", "mlp")
 ALL = ("qkv", "mlp", "gemv")
-FUSES = [("qkv",), MLP, ALL]
+RESIDUAL = (*ALL, "residual")
+FUSES = [("qkv",), MLP, ALL, RESIDUAL]
 # Their MLPs are mixtures of experts: patch_model(fuse=MLP) leaves them as they are, so the
 # slow end-to-end tests run them with the QKV fusion only.
 MOE = {"mixtral", "qwen2_moe", "qwen3_moe", "granitemoe"}
@@ -105,7 +108,7 @@ def storage_bytes(model: nn.Module) -> int:
 
 
 def snapshot(model: nn.Module) -> tuple:
-    modules = [(name, id(m)) for name, m in model.named_modules()]
+    modules = [(name, id(m), type(m)) for name, m in model.named_modules()]
     forwards = [name for name, m in model.named_modules() if "forward" in m.__dict__]
     state = {k: v.clone() for k, v in model.state_dict().items()}
     return modules, forwards, state
@@ -327,11 +330,12 @@ def test_gemv_alone_swaps_in_the_same_parameters():
     assert attn.o_proj is o_proj and o_proj.weight is weight
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "phi3", "gemma"])
-def test_one_sequence_decode_streams(family, monkeypatch):
-    """Batch-1 decode is where o_proj and down_proj take the streaming kernel: through the
-    registered op in compiled code, through its eager launch in eager code. Both ways generate
-    what the stock model does."""
+@pytest.mark.parametrize("family, fuse", [("llama", ALL), ("qwen2", ALL), ("phi3", ALL), ("gemma", ALL),
+                                          ("llama", RESIDUAL), ("gemma", RESIDUAL)], ids=param_id)
+def test_one_sequence_decode_streams(family, fuse, monkeypatch):
+    """Batch-1 decode is where o_proj and down_proj take the streaming kernel (with the residual
+    added in it, for fuse="residual"): through the registered op in compiled code, through its
+    eager launch in eager code. Both ways generate what the stock model does."""
     op_module = importlib.import_module("hf_fused.ops.streaming_linear")
     launched = {"op": 0, "eager": 0}
 
@@ -344,7 +348,8 @@ def test_one_sequence_decode_streams(family, monkeypatch):
     monkeypatch.setattr(op_module, "launch_stream", counted("op", op_module.launch_stream))
     monkeypatch.setattr(op_module, "_eager_stream", counted("eager", op_module._eager_stream))
     stock = build(family)
-    model = hf_fused.patch_model(copy.deepcopy(stock), fuse=ALL)
+    model = hf_fused.patch_model(copy.deepcopy(stock), fuse=fuse)
+    assert all(isinstance(layer, ResidualFusedLayer) == ("residual" in fuse) for layer in model.model.layers)
     ids = prompt(batch=1, pad=0)[0]
     kwargs = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
     for compiling in (False, True):
@@ -387,12 +392,40 @@ def test_gemv_leaves_what_it_cannot_stream(family, mutate, reason, n_streamed, c
     torch.testing.assert_close(logits(model, ids, mask), logits(stock, ids, mask), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("fuse", ["mlp", (), ("qkv", "lm_head"), None], ids=repr)
+@pytest.mark.parametrize("fuse", ["mlp", (), ("qkv", "lm_head"), None, ("qkv", "gemv", "residual")], ids=repr)
 def test_bad_fuse_is_a_value_error(fuse):
     model = build("llama")
-    with pytest.raises(ValueError, match="fuse must be"):
+    with pytest.raises(ValueError, match="fuse must"):
         hf_fused.patch_model(model, fuse=fuse)
     assert not hf_fused.is_patched(model)
+
+
+def _hooked_layer_0_o_proj(model):
+    model.model.layers[0].self_attn.o_proj.register_forward_hook(lambda *args: None)
+
+
+@pytest.mark.parametrize("family, mutate, reason, n_fused", [
+    ("llama", _hooked_layer_0_o_proj, "residual: the layer's o_proj or down_proj is not streamed", 1),
+    ("granite", None, "GraniteDecoderLayer adds its residuals otherwise", 0),
+    ("gemma2", None, "Gemma2DecoderLayer adds its residuals otherwise", 0),
+    ("qwen3_moe", None, "residual: the layer's MLP is not fused", 0),
+], ids=["hooked", "granite", "gemma2", "moe"])
+def test_residual_fusion_leaves_layers_it_cannot_take(family, mutate, reason, n_fused, caplog):
+    """A layer whose forward adds its residuals otherwise, or whose o_proj, down_proj or MLP
+    the other fusions left as they are, keeps its class and its adds, logged."""
+    stock = build(family)
+    if mutate:
+        mutate(stock)
+    model = copy.deepcopy(stock)
+    with caplog.at_level(logging.WARNING, logger="hf_fused"):
+        hf_fused.patch_model(model, fuse=RESIDUAL)
+    fused = [isinstance(layer, ResidualFusedLayer) for layer in model.model.layers]
+    assert sum(fused) == n_fused
+    assert any(reason in r.getMessage() for r in caplog.records)
+    for layer, is_fused in zip(model.model.layers, fused):
+        assert isinstance(layer.self_attn.o_proj, DeferredOProj) == is_fused
+    ids, mask = prompt()
+    torch.testing.assert_close(logits(model, ids, mask), logits(stock, ids, mask), rtol=1e-5, atol=1e-5)
 
 
 def test_patching_again_with_other_fusions_needs_unpatch_first():

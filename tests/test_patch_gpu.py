@@ -52,26 +52,27 @@ def agreeing_tokens(a: torch.Tensor, b: torch.Tensor) -> int:
     return n if len(differs) == 0 else int(differs[0])
 
 
-FUSE_WITH_ATTENTION = ("qkv", "mlp", "gemv", "attention")
+EVERY_FUSION = ("qkv", "mlp", "gemv", "attention", "residual")
 # gemma2's softcap keeps transformers' eager attention, mistral's sliding window sdpa's (both logged);
 # hf_fused.generate refuses sliding-window caches, so it decodes llama and qwen3 only.
 DECODE_FAMILIES = ["llama", "qwen3", "gemma2", "mistral"]
 
 
-def stock_and_patched(family: str, dtype: torch.dtype):
-    """A tiny model of the family on the GPU, a patched copy with the decode attention, and a prompt."""
+def stock_and_patched(family: str, dtype: torch.dtype, batch: int = 2):
+    """A tiny model of the family on the GPU, a patched copy with every fusion, and a prompt."""
     stock = build(family).to("cuda", dtype)
-    patched = hf_fused.patch_model(copy.deepcopy(stock), fuse=FUSE_WITH_ATTENTION)
-    ids, mask = prompt()
+    patched = hf_fused.patch_model(copy.deepcopy(stock), fuse=EVERY_FUSION)
+    ids, mask = prompt(batch=batch)
     return stock, patched, ids.cuda(), mask.cuda()
 
 
-# fp32: compiled decoding with every fusion, the decode attention too, gives the tokens of stock
-# compiled decoding, which here agrees with stock eager decoding on every token: in transformers'
-# static-cache generate (which compiles its decode step), and in hf_fused.generate.
-@pytest.mark.parametrize("family", DECODE_FAMILIES)
-def test_compiled_decode_with_decode_attention_matches_stock(family):
-    stock, patched, ids, mask = stock_and_patched(family, torch.float32)
+# fp32: compiled decoding with every fusion, the decode attention and the residual adds too, gives
+# the tokens of stock compiled decoding, which here agrees with stock eager decoding on every
+# token: in transformers' static-cache generate (which compiles its decode step), and in
+# hf_fused.generate. Batch 1 is where o_proj and down_proj run the streaming kernel.
+@pytest.mark.parametrize("family, batch", [(f, 2) for f in DECODE_FAMILIES] + [("llama", 1), ("qwen3", 1)])
+def test_compiled_decode_with_every_fusion_matches_stock(family, batch):
+    stock, patched, ids, mask = stock_and_patched(family, torch.float32, batch)
     new = 20
     kwargs = dict(attention_mask=mask, max_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0)
     decoders = {"generate, static cache": lambda m: m.generate(ids, cache_implementation="static", **kwargs)}

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 import hf_fused
 from hf_fused.models import build_random_model
 from hf_fused.ops import rmsnorm_gate_up, rmsnorm_gate_up_ref, rmsnorm_qkv, rmsnorm_qkv_ref, streaming_linear
+from hf_fused.patches import DEFAULT_FUSE
 from hf_fused.patches.fused import FusedNorm
 
 EPS = 1e-5
@@ -73,9 +74,10 @@ def assert_all_close(got: dict[str, Tensor], want: dict[str, Tensor]) -> None:
         torch.testing.assert_close(got[name], expected, rtol=1e-5, atol=atol, msg=lambda m: f"{name}: {m}")
 
 
-def test_fp32_training_step_gives_the_stock_loss_and_gradients():
+@pytest.mark.parametrize("fuse", [DEFAULT_FUSE, (*DEFAULT_FUSE, "residual")], ids="+".join)
+def test_fp32_training_step_gives_the_stock_loss_and_gradients(fuse):
     stock = build(torch.float32)
-    patched = hf_fused.patch_model(copy.deepcopy(stock))
+    patched = hf_fused.patch_model(copy.deepcopy(stock), fuse=fuse)
     ids = token_ids()
     got, want = train_step(patched, ids), train_step(stock, ids)
     assert want.keys() == {"loss", *dict(stock.named_parameters())}
@@ -171,6 +173,25 @@ def test_op_gradients_are_the_references_bit_for_bit(case, dtype, frozen_weights
     want = torch.autograd.grad(reference(*tensors), wanted, grad_out)
     for g, w in zip(got, want, strict=True):
         assert torch.equal(g, w)
+
+
+@pytest.mark.parametrize("M", [1, 3])
+def test_residual_gradient_when_x_was_computed_from_it(M):
+    """In a decoder layer o_proj's input was computed from the residual it adds: the residual's
+    gradient is the sum over both paths, as the stock layer's autograd gives it."""
+    gen = torch.Generator().manual_seed(0)
+    residual = (3 * torch.randn(M, K, generator=gen)).requires_grad_()
+    weight = (torch.randn(K, K, generator=gen) / K**0.5).requires_grad_()
+    grad_out = torch.randn(M, K, generator=gen)
+
+    def layer(linear) -> tuple[Tensor, ...]:
+        x = torch.tanh(residual)
+        return torch.autograd.grad(linear(x, weight, residual), [residual, weight], grad_out)
+
+    got = layer(lambda x, w, r: streaming_linear(x, w, None, r))
+    want = layer(lambda x, w, r: r + F.linear(x, w))
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c[1] > 1], ids=case_id)

@@ -12,11 +12,18 @@ MLP: a gated MLP becomes a FusedMLP, down_proj(rmsnorm_gate_up(x)); down_proj st
 o_proj and down_proj, which no norm feeds, become StreamingLinear modules holding the very same
 Parameters: streaming_linear instead of F.linear, nothing else changed.
 
+Residual adds (fuse="residual"): the layer's two `residual + ...` adds move into the o_proj and
+down_proj kernels. That takes the layer's forward, so the layer instance gets a subclass of its
+own class whose forward is ResidualFusedLayer's (residual_fused_class); o_proj becomes a
+DeferredOProj, which the attention's forward calls as before and which hands its input on, for
+the layer to project with the residual added.
+
 Every change is a module put in place of another (its forward is its class's) or a hook, never an
 instance forward: torch.compile checks an instance forward, and any module it reaches by two paths,
 with a Python guard on every call of the compiled code. Instance forwards and held norms once put
 six such guards in each layer, paid on every step of transformers' static-cache generate
-(docs/h200/session2/README.md).
+(docs/h200/session2/README.md). The residual fusion's class swap is no instance forward: the
+forward is the subclass's.
 
 Separate projections are stacked by rows into one weight owned by the fused module (stack_into);
 the originals keep no storage until unstack points them at rows of it again. Under tensor
@@ -26,6 +33,8 @@ state_dict (ShardLayout).
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -187,8 +196,78 @@ class LinearStandIn(nn.Module):
 class StreamingLinear(LinearStandIn):
     """Stands in for a plain nn.Linear that no norm feeds (o_proj, down_proj), computed by streaming_linear."""
 
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        return streaming_linear(x, self.weight, self.bias, residual)
+
+
+class DeferredOProj(StreamingLinear):
+    """Stands in for o_proj in a layer whose residual add the projection does (fuse="residual").
+    The attention's own forward calls it last, on its output, which goes on unprojected; the
+    layer's forward (ResidualFusedLayer) then projects it with the residual added."""
+
     def forward(self, x: Tensor) -> Tensor:
-        return streaming_linear(x, self.weight, self.bias)
+        return x
+
+    def project(self, x: Tensor, residual: Tensor) -> Tensor:
+        return streaming_linear(x, self.weight, self.bias, residual)
+
+
+class ResidualFusedLayer(nn.Module):
+    """The forward of a decoder layer whose residual adds the projections' kernels do.
+
+    Never used alone: residual_fused_class puts it before a family's layer class, whose forward
+    is h = x + self_attn(input_layernorm(x)); out = h + mlp(post_attention_layernorm(h)) (the
+    families whose FamilySpec says plain_residuals). Here, with self_attn.o_proj a DeferredOProj
+    and mlp a FusedMLP over a StreamingLinear down_proj, the same is computed by
+    o_proj.project(attention, residual=x) and mlp(..., residual=h). The attention gets the
+    arguments that the stock forward would have handed it: the layer's own, with their defaults.
+    """
+
+    stock_class: type[nn.Module]
+    stock_names: tuple[str, ...]  # the stock forward's parameters after hidden_states, in order
+    stock_defaults: dict  # and the defaults of those that have one
+
+    def forward(self, hidden_states: Tensor, *args, **kwargs) -> Tensor:
+        kwargs = {**self.stock_defaults, **dict(zip(self.stock_names, args)), **kwargs}
+        attention, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)
+        hidden_states = self.self_attn.o_proj.project(attention, residual=hidden_states)
+        return self.mlp(self.post_attention_layernorm(hidden_states), residual=hidden_states)
+
+    def __reduce_ex__(self, protocol):
+        # Pickle can't name a class made at patch time; it rebuilds it from the stock class.
+        _, _, *rest = super().__reduce_ex__(protocol)
+        return _new_residual_fused_layer, (self.stock_class,), *rest
+
+
+def _new_residual_fused_layer(stock: type[nn.Module]) -> nn.Module:
+    """An empty instance of residual_fused_class(stock), for unpickling and copying to fill in."""
+    return object.__new__(residual_fused_class(stock))
+
+
+@functools.cache
+def residual_fused_class(stock: type[nn.Module]) -> type[nn.Module]:
+    """The subclass of a decoder layer class that patch_model gives a layer instance for
+    fuse="residual" (unpatch_model gives it ``stock`` back): one per class, so compiled code
+    sees one class for all such layers."""
+    params = list(inspect.signature(stock.forward).parameters.values())[2:]  # after self, hidden_states
+    named = [p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    attrs = dict(
+        stock_class=stock,
+        stock_names=tuple(p.name for p in named if p.kind is p.POSITIONAL_OR_KEYWORD),
+        stock_defaults={p.name: p.default for p in named if p.default is not p.empty},
+        __module__=__name__,
+    )
+    return type(f"ResidualFused{stock.__name__}", (ResidualFusedLayer, stock), attrs)
+
+
+def stock_forward_problem(stock: type[nn.Module]) -> str | None:
+    """Why residual_fused_class can't stand for this layer class's forward, or None if it can."""
+    if not stock.__module__.startswith("transformers.models."):
+        return f"{stock.__name__} is not a transformers layer class (its forward may compute otherwise)"
+    params = list(inspect.signature(stock.forward).parameters)
+    if params[1:2] != ["hidden_states"]:
+        return f"{stock.__name__}.forward does not take hidden_states first"
+    return None
 
 
 class PackedPassThrough(LinearStandIn):
@@ -212,8 +291,11 @@ class FusedMLP(nn.Module):
             self.add_module(name, child)
         self.train(mlp.training)
 
-    def forward(self, hidden_states: Tensor) -> Tensor:
-        return self.down_proj(self.gate_up_fused(hidden_states))
+    def forward(self, hidden_states: Tensor, residual: Tensor | None = None) -> Tensor:
+        if residual is None:
+            return self.down_proj(self.gate_up_fused(hidden_states))
+        # fuse="residual": down_proj is then a StreamingLinear, which adds it in its kernel.
+        return self.down_proj(self.gate_up_fused(hidden_states), residual=residual)
 
     def restored(self) -> nn.Module:
         """The original MLP, with this one's down_proj (the streaming fusion may have replaced it)."""

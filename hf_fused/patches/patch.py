@@ -19,6 +19,7 @@ from hf_fused.ops import rmsnorm_ref
 from hf_fused.ops.rmsnorm_gate_up import ACTIVATIONS
 from hf_fused.patches.attention import attention_problem, restore_attention, use_decode_attention, uses_decode_attention
 from hf_fused.patches.fused import (
+    DeferredOProj,
     FusedAway,
     FusedMLP,
     FusedNorm,
@@ -28,11 +29,14 @@ from hf_fused.patches.fused import (
     PackedPassThrough,
     PassThroughNorm,
     QKVSlice,
+    ResidualFusedLayer,
     StreamingLinear,
     feed_fused_qkv,
     local_shard,
     norm_eps,
+    residual_fused_class,
     stack_into,
+    stock_forward_problem,
     tensor_parallel_problem,
     unstack,
 )
@@ -79,9 +83,10 @@ STREAMED = (("self_attn", "o_proj"), ("mlp", "down_proj"))
 # On an H100 each helped a CUDA-graph decode of the Llama-3-8B shape at batch 1, 4 and 16
 # (README, "Measured speed").
 DEFAULT_FUSE = (*KINDS, "gemv")
-# fuse="attention" (patches/attention.py) is opt-in until measured against the default in every
-# way of decoding (docs/h200/session3/README.md has its op and step measurements).
-FUSIONS = (*DEFAULT_FUSE, "attention")
+# fuse="attention" (patches/attention.py) and fuse="residual" (the layer's residual adds in the
+# o_proj and down_proj kernels) are opt-in until measured against the default in every way of
+# decoding (docs/h200/).
+FUSIONS = (*DEFAULT_FUSE, "attention", "residual")
 
 
 @dataclass
@@ -186,18 +191,46 @@ def _streamed(layer: nn.Module, skipped: dict[str, int]) -> list[tuple[nn.Module
     return found
 
 
-def _plan(model: nn.Module, fuse: tuple[str, ...]) -> tuple[str, FamilySpec, list[_Fusion], list[tuple[nn.Module, str]], bool]:
+def _residual_problem(
+    layer: nn.Module, spec: FamilySpec, mlp_fused: set[int], streamed: set[tuple[int, str]]
+) -> str | None:
+    """Why this layer's residual adds can't move into its o_proj and down_proj kernels, or None if they can."""
+    if not spec.plain_residuals:
+        return f"residual: {type(layer).__name__} adds its residuals otherwise than x + attention, h + mlp"
+    if problem := stock_forward_problem(type(layer)):
+        return f"residual: {problem}"
+    if "forward" in layer.__dict__:
+        return "residual: the layer has an instance forward"
+    if id(layer) not in mlp_fused:
+        return "residual: the layer's MLP is not fused"
+    if (id(layer.self_attn), "o_proj") not in streamed or (id(layer.mlp), "down_proj") not in streamed:
+        return "residual: the layer's o_proj or down_proj is not streamed"
+    return None
+
+
+@dataclass
+class _Plan:
+    model_type: str
+    spec: FamilySpec
+    fusions: list[_Fusion]
+    streamed: list[tuple[nn.Module, str]]  # (parent, name) of each projection to stream
+    attention: bool
+    residual_layers: list[nn.Module]
+
+
+def _plan(model: nn.Module, fuse: tuple[str, ...]) -> _Plan:
     """Find and check every decoder layer (and whether the attention can be chosen) before anything is touched.
 
     A layer that can't take the QKV fusion is an error; an MLP that can't (MoE experts, biases,
-    another activation), or a projection that can't stream, stays as it is, logged once per reason.
+    another activation), or a projection that can't stream, or a layer whose residual adds can't
+    move, stays as it is, logged once per reason.
     """
     model_type, spec = _family(model)
-    fusions, streamed, skipped, seen, n_layers = [], [], {}, set(), 0
+    fusions, streamed, skipped, seen, layers = [], [], {}, set(), []
     for where, layer in model.named_modules():
         if getattr(layer, "self_attn", None) is None or getattr(layer, "input_layernorm", None) is None:
             continue
-        n_layers += 1
+        layers.append(layer)
         if "gemv" in fuse:
             streamed += _streamed(layer, skipped)
         for kind in (k for k in fuse if k in KINDS):
@@ -211,6 +244,7 @@ def _plan(model: nn.Module, fuse: tuple[str, ...]) -> tuple[str, FamilySpec, lis
                 raise UnsupportedModelError(f"{where} shares its {KINDS[kind].parent} or its norm with another layer")
             seen.update((id(fusion.parent), id(fusion.norm)))
             fusions.append(fusion)
+    n_layers = len(layers)
     if not n_layers:
         raise UnsupportedModelError(f"no decoder layer with input_layernorm and self_attn found in {model_type} model")
     activations = {}
@@ -224,6 +258,16 @@ def _plan(model: nn.Module, fuse: tuple[str, ...]) -> tuple[str, FamilySpec, lis
                 reason = f"mlp ({cls.__name__}) computes other than down_proj(act(gate) * up), act silu or gelu_tanh"
                 skipped[reason] = skipped.get(reason, 0) + 1
     fusions = [f for f in fusions if f.kind == "qkv" or f.activation is not None]
+    residual_layers = []
+    if "residual" in fuse:
+        mlp_fused = {id(f.layer) for f in fusions if f.kind == "mlp"}
+        streamed_ids = {(id(parent), name) for parent, name in streamed}
+        for layer in layers:
+            problem = _residual_problem(layer, spec, mlp_fused, streamed_ids)
+            if problem is None:
+                residual_layers.append(layer)
+            else:
+                skipped[problem] = skipped.get(problem, 0) + 1
     attention = "attention" in fuse and (problem := attention_problem(model)) is None
     if "attention" in fuse and not attention:
         skipped[f"attention: {problem}"] = n_layers
@@ -236,7 +280,7 @@ def _plan(model: nn.Module, fuse: tuple[str, ...]) -> tuple[str, FamilySpec, lis
             raise UnsupportedModelError(
                 f"{type(norm).__name__} in this {model_type} model does not compute a {spec.norm_style}-style RMSNorm"
             )
-    return model_type, spec, fusions, streamed, attention
+    return _Plan(model_type, spec, fusions, streamed, attention, residual_layers)
 
 
 def _probe(weight: Tensor) -> Tensor:
@@ -318,6 +362,13 @@ def _unapply(parent: nn.Module, attr: str) -> None:
 _STAND_INS = (FusedMLP, PassThroughNorm, LinearStandIn)
 
 
+def _restore_layer_classes(model: nn.Module) -> int:
+    layers = [m for m in model.modules() if isinstance(m, ResidualFusedLayer)]
+    for layer in layers:
+        layer.__class__ = layer.stock_class
+    return len(layers)
+
+
 def _restore_stand_ins(model: nn.Module, kind: type[nn.Module]) -> int:
     found = [(m, name) for m in model.modules() for name, child in m._modules.items() if isinstance(child, kind)]
     for parent, name in found:
@@ -328,6 +379,9 @@ def _restore_stand_ins(model: nn.Module, kind: type[nn.Module]) -> int:
 def _check_fuse(fuse) -> tuple[str, ...]:
     if not isinstance(fuse, (tuple, list, set, frozenset)) or not fuse or not set(fuse) <= set(FUSIONS):
         raise ValueError(f"fuse must be a non-empty tuple drawn from {FUSIONS}, got {fuse!r}")
+    if "residual" in fuse and not {"mlp", "gemv"} <= set(fuse):
+        raise ValueError(f"fuse='residual' adds the residuals in the kernels of the mlp fusion's down_proj and of "
+                         f"gemv's o_proj: fuse must include 'mlp' and 'gemv' too, got {fuse!r}")
     return tuple(kind for kind in FUSIONS if kind in fuse)
 
 
@@ -361,6 +415,12 @@ def patch_model(model: nn.Module, *, verify: bool = False, fuse: tuple[str, ...]
         hf_fused.ops.decode_attention, chosen on this model's config under a new attention
         name; everything else (prefill, softcap, sliding window, ...) stays sdpa's.
         Only for a model that runs transformers' "sdpa" attention (patches/attention.py).
+      - "residual" (opt-in, with "mlp" and "gemv"): each decoder layer's two residual adds
+        run in the epilogues of its o_proj and down_proj kernels. The layer instance gets a
+        subclass of its class with that forward (the families whose layer adds plainly:
+        llama, mistral, qwen2/3, gemma, smollm3, in layers whose MLP is fused); o_proj's
+        module hands the attention's output on for the layer to project. state_dict keys,
+        save_pretrained and torch.save(model) are unchanged.
     The default is the first three, each measured to help a compiled (CUDA-graph) decode on a GPU,
     and together eager ``generate`` (README, "Measured speed").
 
@@ -374,23 +434,29 @@ def patch_model(model: nn.Module, *, verify: bool = False, fuse: tuple[str, ...]
         if _patched_with(model) != fuse:
             raise ValueError(f"model is patched with fuse={_patched_with(model)}; unpatch_model it before fuse={fuse}")
         return model
-    model_type, spec, fusions, streamed, attention = _plan(model, fuse)
+    plan = _plan(model, fuse)
+    model_type, fusions = plan.model_type, plan.fusions
+    deferred = {id(layer.self_attn) for layer in plan.residual_layers}
     try:
         # Streamed first: a FusedMLP takes over the MLP's down_proj as it is then.
-        for parent, name in streamed:
-            module = StreamingLinear(getattr(parent, name)).train(parent.training)
+        for parent, name in plan.streamed:
+            stand_in = DeferredOProj if name == "o_proj" and id(parent) in deferred else StreamingLinear
+            module = stand_in(getattr(parent, name)).train(parent.training)
             module.fuse = fuse
             setattr(parent, name, module)
         for fusion in fusions:
-            _apply(fusion, spec, fuse)
-        if attention:
+            _apply(fusion, plan.spec, fuse)
+        for layer in plan.residual_layers:
+            layer.__class__ = residual_fused_class(type(layer))
+        if plan.attention:
             use_decode_attention(model)
     except BaseException:
         unpatch_model(model)
         raise
     counts = [f"{kind} in {sum(f.kind == kind for f in fusions)} layers" for kind in KINDS if kind in fuse]
-    counts = ", ".join(counts + ([f"gemv in {len(streamed)} projections"] if "gemv" in fuse else [])
-                       + (["decode attention"] if attention else []))
+    counts = ", ".join(counts + ([f"gemv in {len(plan.streamed)} projections"] if "gemv" in fuse else [])
+                       + ([f"residual adds in {len(plan.residual_layers)} layers"] if "residual" in fuse else [])
+                       + (["decode attention"] if plan.attention else []))
     logger.info("hf_fused: fused %s of a %s model", counts, model_type)
     if verify:
         report = verify_patch(model, _probe_ids(model))
@@ -405,7 +471,7 @@ def unpatch_model(model: nn.Module) -> nn.Module:
     found = [(m, k.attr) for m in model.modules() for k in KINDS.values() if isinstance(m._modules.get(k.attr), FusedNorm)]
     for parent, attr in found:
         _unapply(parent, attr)
-    restored = sum(_restore_stand_ins(model, kind) for kind in _STAND_INS)
+    restored = _restore_layer_classes(model) + sum(_restore_stand_ins(model, kind) for kind in _STAND_INS)
     if found or restored:
         logger.info("hf_fused: unpatched %d fused modules and %d stand-ins", len(found), restored)
     restore_attention(model)
