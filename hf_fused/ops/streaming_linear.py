@@ -13,9 +13,9 @@ rounded once, from fp32; the stock layer rounds the projection, then the sum.
 
 Paths, chosen by M (tokens):
 - M == 1: the streaming kernel, fp32 accumulation on CUDA cores, one rounding at the end.
-- otherwise: F.linear (cuBLAS), then the residual added as the stock layer adds it. From a few tokens on, cuBLAS's tensor-core GEMV matches the
-  streaming kernels measured so far (docs/bench_rmsnorm_qkv.md, M=16), and with no norm to fuse
-  there is nothing else to gain.
+- otherwise: F.linear (cuBLAS), then the residual added as the stock layer adds it. From a
+  few tokens on, cuBLAS's tensor-core GEMV matches the streaming kernels measured so far
+  (docs/bench_rmsnorm_qkv.md, M=16), and with no norm to fuse there is nothing else to gain.
 """
 
 from __future__ import annotations
