@@ -41,12 +41,12 @@ tests)
         tests/test_ops_gate_up.py tests/test_ops_streaming_linear.py tests/test_models.py tests/test_decode_attention.py
     ;;
 compiled)
-    step 540 tests_compiled.txt python3 -m pytest -q -p no:cacheprovider tests/test_patch_gpu.py tests/test_generation.py
+    step 560 tests_compiled.txt python3 -m pytest -q -p no:cacheprovider tests/test_patch_gpu.py tests/test_generation.py
     ;;
 profile)
     step 60 host_overhead.txt python3 benchmarks/host_overhead.py
     step 60 bench_decode_attention.txt python3 benchmarks/bench_decode_attention.py --out "$out"
-    for fuse in qkv,mlp,gemv qkv,mlp,gemv,attention; do
+    for fuse in qkv,mlp,gemv qkv,mlp,gemv,attention qkv,mlp,gemv,attention,residual; do
         step 120 "profile_8b_${fuse//,/-}.txt" python3 benchmarks/profile_decode.py --shape llama3-8b --fuse "$fuse" --out "$out"
     done
     ;;
@@ -56,7 +56,7 @@ tps8b | tps8b-b4 | tps-smollm2)
             export PYTHONPATH="$PYTHONPATH:/tmp/site"
     fi
     tps=(python3 examples/compare_tps.py --modes eager,hf-static,fast-loop --new-tokens 64 --repeats 2
-        --also-fuse qkv,mlp,gemv,attention --out "$out")
+        --also-fuse qkv,mlp,gemv,attention --also-fuse qkv,mlp,gemv,attention,residual --out "$out")
     case "$1" in
     tps8b) step 560 tps_8b.txt "${tps[@]}" --shape llama3-8b --batch-sizes 1 ;;
     tps8b-b4) step 560 tps_8b_b4.txt "${tps[@]}" --shape llama3-8b --batch-sizes 4 --peers none ;;
