@@ -3,6 +3,7 @@
 # with no network. Each stage writes its outputs under $OUT (./out without it) as it goes, and
 # bounds every step with a timeout, so a stage that runs long still returns what it measured.
 #
+#   bash benchmarks/gpu_session.sh residual    # the residual fusion: its GPU tests, the 8B fast loop with it, its profile
 #   bash benchmarks/gpu_session.sh tests       # GPU tests of the kernels: ops, eager launches, placement, decode attention
 #   bash benchmarks/gpu_session.sh compiled    # GPU tests that compile decode steps: patched generate, hf_fused.generate
 #   bash benchmarks/gpu_session.sh profile     # the 8B fast-loop step profiled with and without the decode attention; host time
@@ -36,6 +37,15 @@ step() {  # step SECONDS LOGNAME COMMAND...: run it bounded, log it, and say how
 }
 
 case "${1:-}" in
+residual)
+    step 250 tests_residual.txt python3 -m pytest -q -p no:cacheprovider tests/test_ops_streaming_linear.py \
+        tests/test_patch_gpu.py -k "streaming or residual or every_fusion"
+    step 240 tps_8b_fastloop.txt python3 examples/compare_tps.py --shape llama3-8b --modes fast-loop --batch-sizes 1 \
+        --new-tokens 64 --repeats 2 --peers none --also-fuse qkv,mlp,gemv,attention \
+        --also-fuse qkv,mlp,gemv,attention,residual --out "$out"
+    step 90 profile_8b_residual.txt python3 benchmarks/profile_decode.py --shape llama3-8b \
+        --fuse qkv,mlp,gemv,attention,residual --out "$out"
+    ;;
 tests)
     step 540 tests.txt python3 -m pytest -q -p no:cacheprovider tests/test_eager_launch.py tests/test_ops.py \
         tests/test_ops_gate_up.py tests/test_ops_streaming_linear.py tests/test_models.py tests/test_decode_attention.py
@@ -96,7 +106,7 @@ ncu)
         --section WarpStateStats --section SchedulerStats python3 benchmarks/ncu_target.py --op rmsnorm_qkv --m 1
     ;;
 *)
-    echo "usage: bash benchmarks/gpu_session.sh tests|compiled|profile|tps8b|tps8b-b4|tps-smollm2|ops|ops-prefill|static|tune|ncu" >&2
+    echo "usage: bash benchmarks/gpu_session.sh residual|tests|compiled|profile|tps8b|tps8b-b4|tps-smollm2|ops|ops-prefill|static|tune|ncu" >&2
     exit 2
     ;;
 esac
