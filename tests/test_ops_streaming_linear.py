@@ -136,7 +136,8 @@ def test_opcheck(M):
     x, weight, bias = make_inputs(M, 64, 96, torch.float32, bias=True)
     torch.library.opcheck(torch.ops.hf_fused.streaming_linear, (x, weight, bias))
     torch.library.opcheck(torch.ops.hf_fused.streaming_linear, (x[None], weight, None))
-    torch.library.opcheck(torch.ops.hf_fused.streaming_linear, (x, weight, None, torch.randn(M, 96)))
+    residual = torch.randn(M, 96, dtype=x.dtype, device=x.device)
+    torch.library.opcheck(torch.ops.hf_fused.streaming_linear, (x, weight, None, residual))
 
 
 def test_compiles_without_graph_break():
