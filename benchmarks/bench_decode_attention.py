@@ -15,10 +15,7 @@ K and V bytes, plus q and the output, at the copy bandwidth measured in the same
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -26,8 +23,8 @@ import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import compiled, rel_err  # noqa: E402
-from timing import copies_for, environment, measure_copy_bandwidth, time_graph, time_launches  # noqa: E402
+from report import case_main, compiled, rel_err  # noqa: E402
+from timing import copies_for, time_graph, time_launches  # noqa: E402
 
 from hf_fused.ops import decode_attention, decode_attention_ref  # noqa: E402
 
@@ -85,34 +82,6 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="out")
-    parser.add_argument("--table", metavar="JSON", help="print the table of an earlier run's JSON and exit")
-    args = parser.parse_args()
-    if args.table:
-        print(format_table(json.loads(Path(args.table).read_text())))
-        return
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_decode_attention.py times CUDA kernels: it needs a GPU")
-    torch.manual_seed(0)
-    env, bandwidth = environment(), measure_copy_bandwidth()
-    print(f"{env}\ncopy bandwidth {bandwidth / 1e12:.2f} TB/s")
-    rows = []
-    with torch.no_grad():
-        for batch in BATCHES:
-            for cache_len, valid in CASES:
-                rows.append(row := bench_point(batch, cache_len, valid, bandwidth))
-                print(f"{time.strftime('%X')} batch {batch} cache {cache_len:5d} valid {valid:5d}: fused "
-                      f"{row['fused_graph_us']:7.1f} us, sdpa {row['sdpa_graph_us']:7.1f}, compiled "
-                      f"{row['sdpa_compiled_graph_us']:7.1f}, floor {row['floor_us']:6.1f}", flush=True)
-    result = {**env, "copy_Bps": bandwidth, "rows": rows}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_decode_attention.json").write_text(json.dumps(result, indent=1))
-    print()
-    print(format_table(result))
-
-
 if __name__ == "__main__":
-    main()
+    cases = [(batch, cache_len, valid) for batch in BATCHES for cache_len, valid in CASES]
+    case_main(__doc__, "bench_decode_attention", cases, bench_point, format_table)

@@ -3,7 +3,7 @@
 # with no network. Each stage writes its outputs under $OUT (./out without it) as it goes, and
 # bounds every step with a timeout, so a stage that runs long still returns what it measured.
 #
-#   bash benchmarks/gpu_session.sh residual    # the residual fusion: its GPU tests, the 8B fast loop with it, its profile
+#   bash benchmarks/gpu_session.sh rope        # fuse="rope": its GPU tests and op benchmark, the 8B fast loop with it, its profile
 #   bash benchmarks/gpu_session.sh tests       # GPU tests of the kernels: ops, eager launches, placement, decode attention
 #   bash benchmarks/gpu_session.sh compiled    # GPU tests that compile decode steps: patched generate, hf_fused.generate
 #   bash benchmarks/gpu_session.sh profile     # the 8B fast-loop step profiled with and without the decode attention; host time
@@ -37,14 +37,17 @@ step() {  # step SECONDS LOGNAME COMMAND...: run it bounded, log it, and say how
 }
 
 case "${1:-}" in
-residual)
-    step 250 tests_residual.txt python3 -m pytest -q -p no:cacheprovider tests/test_ops_streaming_linear.py \
-        tests/test_patch_gpu.py -k "streaming or residual or every_fusion"
-    step 240 tps_8b_fastloop.txt python3 examples/compare_tps.py --shape llama3-8b --modes fast-loop --batch-sizes 1 \
-        --new-tokens 64 --repeats 2 --peers none --also-fuse qkv,mlp,gemv,attention \
-        --also-fuse qkv,mlp,gemv,attention,residual --out "$out"
-    step 90 profile_8b_residual.txt python3 benchmarks/profile_decode.py --shape llama3-8b \
-        --fuse qkv,mlp,gemv,attention,residual --out "$out"
+rope)
+    # The op at real sizes, and the residual op's opcheck that failed on the GPU before its fix;
+    # compiled decoding with every fusion, rope included, is in the compiled stage.
+    step 150 tests_rope.txt python3 -m pytest -q -p no:cacheprovider tests/test_rope_cache.py \
+        tests/test_ops_streaming_linear.py -k "rope or opcheck"
+    step 60 bench_rope_cache.txt python3 benchmarks/bench_rope_cache.py --out "$out"
+    step 240 tps_8b_fastloop_rope.txt python3 examples/compare_tps.py --shape llama3-8b --modes fast-loop --batch-sizes 1 \
+        --new-tokens 64 --repeats 2 --peers none --fuse qkv,mlp,gemv,attention,residual \
+        --also-fuse qkv,mlp,gemv,attention,residual,rope --out "$out"
+    step 90 profile_8b_rope.txt python3 benchmarks/profile_decode.py --shape llama3-8b \
+        --fuse qkv,mlp,gemv,attention,residual,rope --out "$out"
     ;;
 tests)
     step 540 tests.txt python3 -m pytest -q -p no:cacheprovider tests/test_eager_launch.py tests/test_ops.py \
@@ -65,9 +68,9 @@ tps8b | tps8b-b4 | tps-smollm2)
         python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl &&
             export PYTHONPATH="$PYTHONPATH:/tmp/site"
     fi
-    # Beside the default fusions, every fusion: the fast loop measured attention alone below it.
+    # Beside the default fusions, every fusion (rope applies to Llama's attention, so to every shape here).
     tps=(python3 examples/compare_tps.py --modes eager,hf-static,fast-loop --new-tokens 64 --repeats 2
-        --also-fuse qkv,mlp,gemv,attention,residual --out "$out")
+        --also-fuse qkv,mlp,gemv,attention,residual,rope --out "$out")
     case "$1" in
     tps8b) step 560 tps_8b.txt "${tps[@]}" --shape llama3-8b --batch-sizes 1 ;;
     tps8b-b4) step 560 tps_8b_b4.txt "${tps[@]}" --shape llama3-8b --batch-sizes 4 --peers none ;;
@@ -107,7 +110,7 @@ ncu)
         --section WarpStateStats --section SchedulerStats python3 benchmarks/ncu_target.py --op rmsnorm_qkv --m 1
     ;;
 *)
-    echo "usage: bash benchmarks/gpu_session.sh residual|tests|compiled|profile|tps8b|tps8b-b4|tps-smollm2|ops|ops-prefill|static|tune|ncu" >&2
+    echo "usage: bash benchmarks/gpu_session.sh rope|tests|compiled|profile|tps8b|tps8b-b4|tps-smollm2|ops|ops-prefill|static|tune|ncu" >&2
     exit 2
     ;;
 esac

@@ -49,6 +49,7 @@ FUSED_OPS = {
     "_rmsnorm_gate_up_decode_kernel": "norm+gate/up (hf_fused)",
     "_decode_partial_kernel": "attention (hf_fused)",
     "_decode_reduce_kernel": "attention reduce (hf_fused)",
+    "_rope_cache_kernel": "rotary + cache write (hf_fused)",
 }
 
 
@@ -110,7 +111,7 @@ def label_layer(names: list[str], fuse: tuple[str, ...]) -> list[str]:
     streams = [i for i, n in enumerate(names) if n == STREAMING]
     # streaming_linear runs its kernel for one token only, cuBLAS for more.
     streamed = list(FUSED_AWAY["gemv"]) if "gemv" in fuse and streams else []
-    projections = [p for p in PROJECTIONS if p not in streamed and not any(p in FUSED_AWAY[f] for f in fuse if f != "gemv")]
+    projections = [p for p in PROJECTIONS if p not in streamed and not any(p in FUSED_AWAY.get(f, ()) for f in fuse if f != "gemv")]
     # cuDNN's attention kernels can carry GEMM-like words in their names: attention is matched first.
     mains = [i for i, n in enumerate(names)
              if CUBLAS.search(n) and not CUBLAS_REDUCE.search(n) and not ATTENTION.search(n)]

@@ -147,3 +147,34 @@ def main(op: OpBench, doc: str, argv: Sequence[str] | None = None) -> None:
     plot(rows, op, out / f"{op.stem}.png")
     print()
     print_table(result, op)
+
+
+def case_main(doc: str, stem: str, cases: Sequence[tuple], bench_point: Callable[..., dict],
+              format_table: Callable[[dict], str], argv: Sequence[str] | None = None) -> None:
+    """main for a benchmark of fixed cases rather than weight shapes (the decode attention, the
+    rotary + cache write): ``bench_point(*case, copy B/s)`` gives each case's row, which holds
+    fused_graph_us; ``format_table(result)`` prints the run, also for --table."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="out")
+    parser.add_argument("--table", metavar="JSON", help="print the table of an earlier run's JSON and exit")
+    args = parser.parse_args(argv)
+    if args.table:
+        print(format_table(json.loads(Path(args.table).read_text())))
+        return
+    if not torch.cuda.is_available():
+        raise SystemExit(f"{stem} times CUDA kernels: it needs a GPU")
+    torch.manual_seed(0)
+    env, bandwidth = environment(), measure_copy_bandwidth()
+    print(f"{env}\ncopy bandwidth {bandwidth / 1e12:.2f} TB/s")
+    rows = []
+    with torch.no_grad():
+        for case in cases:
+            rows.append(row := bench_point(*case, bandwidth))
+            timings = ", ".join(f"{k[: -len('_graph_us')]} {v:.1f}" for k, v in row.items() if k.endswith("_graph_us"))
+            print(f"{time.strftime('%X')} {case}: {timings} us; floor {row['floor_us']:.2f}", flush=True)
+    result = {**env, "copy_Bps": bandwidth, "rows": rows}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    print()
+    print(format_table(result))

@@ -14,6 +14,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import bench_rmsnorm_gate_up as gate_up  # noqa: E402
 import bench_rmsnorm_qkv as qkv  # noqa: E402
+import bench_rope_cache as rope  # noqa: E402
 import bench_streaming_linear as linear  # noqa: E402
 import report  # noqa: E402
 
@@ -78,6 +79,23 @@ def test_qkv_peers_compute_the_op(dtype):
         }
     for name, y in peers.items():
         torch.testing.assert_close(y, expected, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_rope_cache_peers_compute_the_op():
+    """The op and the stock path it is timed against give the same queries and the same cache."""
+    gen = torch.Generator().manual_seed(0)
+    qkv_out = torch.randn(2, 1, (rope.HQ + 2 * rope.HKV) * rope.D, generator=gen)
+    angles = torch.rand(2, 1, rope.D // 2, generator=gen) * 100
+    cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+    caches = [tuple(torch.randn(2, rope.HKV, 12, rope.D, generator=torch.Generator().manual_seed(1)) for _ in range(2))
+              for _ in range(2)]
+    lengths = [torch.tensor(5), torch.tensor(5)]
+    queries = [step(qkv_out, cos, sin, *cache, length)
+               for step, cache, length in zip((rope.fused_step, rope.stock_step), caches, lengths)]
+    torch.testing.assert_close(queries[0], queries[1])
+    for fused, stock in zip(*caches):
+        torch.testing.assert_close(fused, stock)
+    assert int(lengths[0]) == int(lengths[1]) == 6
 
 
 def test_profile_splits_layers_and_names_their_kernels():

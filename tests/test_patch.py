@@ -392,7 +392,8 @@ def test_gemv_leaves_what_it_cannot_stream(family, mutate, reason, n_streamed, c
     torch.testing.assert_close(logits(model, ids, mask), logits(stock, ids, mask), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("fuse", ["mlp", (), ("qkv", "lm_head"), None, ("qkv", "gemv", "residual")], ids=repr)
+@pytest.mark.parametrize("fuse", ["mlp", (), ("qkv", "lm_head"), None, ("qkv", "gemv", "residual"), ("mlp", "rope")],
+                         ids=repr)
 def test_bad_fuse_is_a_value_error(fuse):
     model = build("llama")
     with pytest.raises(ValueError, match="fuse must"):

@@ -52,7 +52,7 @@ def agreeing_tokens(a: torch.Tensor, b: torch.Tensor) -> int:
     return n if len(differs) == 0 else int(differs[0])
 
 
-EVERY_FUSION = ("qkv", "mlp", "gemv", "attention", "residual")
+EVERY_FUSION = ("qkv", "mlp", "gemv", "attention", "residual", "rope")  # rope: llama's attention only
 # gemma2's softcap keeps transformers' eager attention, mistral's sliding window sdpa's (both logged);
 # hf_fused.generate refuses sliding-window caches, so it decodes llama and qwen3 only.
 DECODE_FAMILIES = ["llama", "qwen3", "gemma2", "mistral"]
@@ -66,7 +66,7 @@ def stock_and_patched(family: str, dtype: torch.dtype, batch: int = 2):
     return stock, patched, ids.cuda(), mask.cuda()
 
 
-# fp32: compiled decoding with every fusion, the decode attention and the residual adds too, gives
+# fp32: compiled decoding with every fusion (the decode attention, residual adds and rope too) gives
 # the tokens of stock compiled decoding, which here agrees with stock eager decoding on every
 # token: in transformers' static-cache generate (which compiles its decode step), and in
 # hf_fused.generate. Batch 1 is where o_proj and down_proj run the streaming kernel.

@@ -75,6 +75,15 @@ def on_device_of(x: Tensor) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+_INTERPRETED = triton_interpreter_enabled()  # a constant for Dynamo, which traces kernel_runs
+
+
+def kernel_runs(x: Tensor) -> bool:
+    """Whether an op runs its kernels on x's device and dtype, traced or not: what a patched
+    module asks before it takes an op's path rather than the stock one."""
+    return x.dtype in KERNEL_DTYPES and (x.is_cuda or (x.device.type == "cpu" and _INTERPRETED))
+
+
 def runs_triton(x: Tensor) -> bool:
     """Whether the op runs the Triton kernels on ``x``, or else the PyTorch reference."""
     # Other floating dtypes (a model cast to float64 to check numerics) compute as the stock model does.

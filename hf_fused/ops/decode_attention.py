@@ -39,7 +39,6 @@ from torch.library import triton_op, wrap_triton
 
 from hf_fused.ops._autograd import register_reference_backward
 from hf_fused.ops._common import (
-    KERNEL_DTYPES,
     EagerLaunch,
     _dot,
     _round_to,
@@ -228,14 +227,6 @@ def launch_decode(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scaling:
     """Both kernels, shapes as in decode_launches."""
     for kernel, grid, args, meta, _ in decode_launches(q, k, v, mask, scaling, out, config):
         wrap_triton(kernel)[grid](*args, **meta)
-
-
-_INTERPRETED = triton_interpreter_enabled()  # a constant for Dynamo, which traces kernel_runs
-
-
-def kernel_runs(q: Tensor) -> bool:
-    """Whether decode_attention runs its kernels on q's device and dtype, traced or not."""
-    return q.dtype in KERNEL_DTYPES and (q.is_cuda or (q.device.type == "cpu" and _INTERPRETED))
 
 
 @triton_op("hf_fused::decode_attention", mutates_args=())

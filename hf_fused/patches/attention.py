@@ -23,7 +23,8 @@ from torch import Tensor, nn
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
-from hf_fused.ops.decode_attention import MAX_HEAD_DIM, MAX_QUERY, MAX_ROWS, decode_attention, kernel_runs
+from hf_fused.ops import kernel_runs
+from hf_fused.ops.decode_attention import MAX_HEAD_DIM, MAX_QUERY, MAX_ROWS, decode_attention
 
 logger = logging.getLogger("hf_fused")
 

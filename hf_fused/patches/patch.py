@@ -18,6 +18,7 @@ from torch.distributed.tensor import DTensor
 from hf_fused.ops import rmsnorm_ref
 from hf_fused.ops.rmsnorm_gate_up import ACTIVATIONS
 from hf_fused.patches.attention import attention_problem, restore_attention, use_decode_attention, uses_decode_attention
+from hf_fused.patches.rope_cache import RopeCacheAttention, rope_cache_class, rope_cache_problem
 from hf_fused.patches.fused import (
     DeferredOProj,
     FusedAway,
@@ -83,10 +84,10 @@ STREAMED = (("self_attn", "o_proj"), ("mlp", "down_proj"))
 # On an H100 each helped a CUDA-graph decode of the Llama-3-8B shape at batch 1, 4 and 16
 # (README, "Measured speed").
 DEFAULT_FUSE = (*KINDS, "gemv")
-# fuse="attention" (patches/attention.py) and fuse="residual" (the layer's residual adds in the
-# o_proj and down_proj kernels) are opt-in until measured against the default in every way of
-# decoding (docs/h200/).
-FUSIONS = (*DEFAULT_FUSE, "attention", "residual")
+# fuse="attention" (patches/attention.py), fuse="residual" (the layer's residual adds in the
+# o_proj and down_proj kernels) and fuse="rope" (patches/rope_cache.py) are opt-in until measured
+# against the default in every way of decoding (docs/h200/).
+FUSIONS = (*DEFAULT_FUSE, "attention", "residual", "rope")
 
 
 @dataclass
@@ -216,6 +217,7 @@ class _Plan:
     streamed: list[tuple[nn.Module, str]]  # (parent, name) of each projection to stream
     attention: bool
     residual_layers: list[nn.Module]
+    rope_attentions: list[nn.Module]
 
 
 def _plan(model: nn.Module, fuse: tuple[str, ...]) -> _Plan:
@@ -268,6 +270,15 @@ def _plan(model: nn.Module, fuse: tuple[str, ...]) -> _Plan:
                 residual_layers.append(layer)
             else:
                 skipped[problem] = skipped.get(problem, 0) + 1
+    rope_attentions = []
+    if "rope" in fuse:
+        for fusion in (f for f in fusions if f.kind == "qkv"):
+            rows = sum(local_shard(p.weight).shape[0] for p in fusion.projs.values())
+            problem = rope_cache_problem(fusion.parent, rows)
+            if problem is None:
+                rope_attentions.append(fusion.parent)
+            else:
+                skipped[problem] = skipped.get(problem, 0) + 1
     attention = "attention" in fuse and (problem := attention_problem(model)) is None
     if "attention" in fuse and not attention:
         skipped[f"attention: {problem}"] = n_layers
@@ -280,7 +291,7 @@ def _plan(model: nn.Module, fuse: tuple[str, ...]) -> _Plan:
             raise UnsupportedModelError(
                 f"{type(norm).__name__} in this {model_type} model does not compute a {spec.norm_style}-style RMSNorm"
             )
-    return _Plan(model_type, spec, fusions, streamed, attention, residual_layers)
+    return _Plan(model_type, spec, fusions, streamed, attention, residual_layers, rope_attentions)
 
 
 def _probe(weight: Tensor) -> Tensor:
@@ -362,11 +373,12 @@ def _unapply(parent: nn.Module, attr: str) -> None:
 _STAND_INS = (FusedMLP, PassThroughNorm, LinearStandIn)
 
 
-def _restore_layer_classes(model: nn.Module) -> int:
-    layers = [m for m in model.modules() if isinstance(m, ResidualFusedLayer)]
-    for layer in layers:
-        layer.__class__ = layer.stock_class
-    return len(layers)
+def _restore_classes(model: nn.Module) -> int:
+    """Give the instances that fuse="residual" or fuse="rope" gave a subclass their own class back."""
+    swapped = [m for m in model.modules() if isinstance(m, (ResidualFusedLayer, RopeCacheAttention))]
+    for module in swapped:
+        module.__class__ = module.stock_class
+    return len(swapped)
 
 
 def _restore_stand_ins(model: nn.Module, kind: type[nn.Module]) -> int:
@@ -382,6 +394,8 @@ def _check_fuse(fuse) -> tuple[str, ...]:
     if "residual" in fuse and not {"mlp", "gemv"} <= set(fuse):
         raise ValueError(f"fuse='residual' adds the residuals in the kernels of the mlp fusion's down_proj and of "
                          f"gemv's o_proj: fuse must include 'mlp' and 'gemv' too, got {fuse!r}")
+    if "rope" in fuse and "qkv" not in fuse:
+        raise ValueError(f"fuse='rope' rotates and caches the qkv fusion's output: fuse must include 'qkv' too, got {fuse!r}")
     return tuple(kind for kind in FUSIONS if kind in fuse)
 
 
@@ -421,6 +435,10 @@ def patch_model(model: nn.Module, *, verify: bool = False, fuse: tuple[str, ...]
         llama, mistral, qwen2/3, gemma, smollm3, in layers whose MLP is fused); o_proj's
         module hands the attention's output on for the layer to project. state_dict keys,
         save_pretrained and torch.save(model) are unchanged.
+      - "rope" (opt-in, with "qkv"): a decode step's rotary embedding of q and k and its write of
+        k and v into a static cache run in one kernel, hf_fused.ops.rope_cache_write. The
+        attention instance gets a subclass of its class with that forward, for Llama's attention
+        only (patches/rope_cache.py); other calls (prefill, dynamic caches) run the stock forward.
     The default is the first three, each measured to help a compiled (CUDA-graph) decode on a GPU,
     and together eager ``generate`` (README, "Measured speed").
 
@@ -448,6 +466,8 @@ def patch_model(model: nn.Module, *, verify: bool = False, fuse: tuple[str, ...]
             _apply(fusion, plan.spec, fuse)
         for layer in plan.residual_layers:
             layer.__class__ = residual_fused_class(type(layer))
+        for attn in plan.rope_attentions:
+            attn.__class__ = rope_cache_class(type(attn))
         if plan.attention:
             use_decode_attention(model)
     except BaseException:
@@ -456,6 +476,7 @@ def patch_model(model: nn.Module, *, verify: bool = False, fuse: tuple[str, ...]
     counts = [f"{kind} in {sum(f.kind == kind for f in fusions)} layers" for kind in KINDS if kind in fuse]
     counts = ", ".join(counts + ([f"gemv in {len(plan.streamed)} projections"] if "gemv" in fuse else [])
                        + ([f"residual adds in {len(plan.residual_layers)} layers"] if "residual" in fuse else [])
+                       + ([f"rope and cache writes in {len(plan.rope_attentions)} layers"] if "rope" in fuse else [])
                        + (["decode attention"] if plan.attention else []))
     logger.info("hf_fused: fused %s of a %s model", counts, model_type)
     if verify:
@@ -471,7 +492,7 @@ def unpatch_model(model: nn.Module) -> nn.Module:
     found = [(m, k.attr) for m in model.modules() for k in KINDS.values() if isinstance(m._modules.get(k.attr), FusedNorm)]
     for parent, attr in found:
         _unapply(parent, attr)
-    restored = _restore_layer_classes(model) + sum(_restore_stand_ins(model, kind) for kind in _STAND_INS)
+    restored = _restore_classes(model) + sum(_restore_stand_ins(model, kind) for kind in _STAND_INS)
     if found or restored:
         logger.info("hf_fused: unpatched %d fused modules and %d stand-ins", len(found), restored)
     restore_attention(model)
