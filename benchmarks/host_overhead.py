@@ -15,6 +15,10 @@ GPU is never the bottleneck (SmolLM2-135M's), so the numbers are host cost alone
   one F.linear           one cuBLAS call, what streaming_linear replaces
   decode_attention       hf_fused.ops.decode_attention, one query over a 384-key static cache
   sdpa attention         transformers' sdpa_attention_forward on the same inputs
+  rotary                 hf_fused.ops.rotary on the fused q/k/v output (fuse="rope" over a dynamic cache)
+  apply_rotary_pos_emb   transformers' rotary of q and k, as Llama's attention calls it
+  rope_cache_write       hf_fused.ops.rope_cache_write and the length's add_ (fuse="rope", static cache)
+  rotary + cache update  apply_rotary_pos_emb, then StaticLayer.update
 """
 
 from __future__ import annotations
@@ -28,12 +32,13 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.models.llama.modeling_llama import LlamaRMSNorm
+from transformers.cache_utils import StaticLayer
+from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import environment  # noqa: E402
 
-from hf_fused.ops import decode_attention, rmsnorm_gate_up, rmsnorm_qkv, streaming_linear  # noqa: E402
+from hf_fused.ops import decode_attention, rmsnorm_gate_up, rmsnorm_qkv, rope_cache_write, rotary, streaming_linear  # noqa: E402
 
 K, N, I, EPS = 576, 960, 1536, 1e-5
 HQ, HKV, D, CACHE = 9, 3, 64, 384  # SmolLM2-135M's attention
@@ -70,6 +75,28 @@ def main() -> None:
     valid = (torch.arange(CACHE, device=device) < 200).view(1, 1, 1, CACHE)
     attention = SimpleNamespace(num_key_value_groups=HQ // HKV, is_causal=True)
 
+    fused_qkv = torch.randn(1, 1, (HQ + 2 * HKV) * D, device=device, dtype=dtype)
+    cos, sin = (torch.rand(1, 1, D, device=device, dtype=dtype) for _ in range(2))
+    layer = StaticLayer(max_cache_len=CACHE)
+    layer.lazy_initialization(keys, values)
+    heads = dict(num_heads=HQ, num_kv_heads=HKV)
+
+    def stock_rotary():
+        q, k, _ = (t.transpose(1, 2) for t in fused_qkv.view(1, 1, -1, D).split((HQ, HKV, HKV), dim=2))
+        return apply_rotary_pos_emb(q, k, cos, sin)
+
+    def stock_rotary_and_update():
+        q, k = stock_rotary()
+        layer.update(k, fused_qkv[..., -HKV * D :].view(1, 1, HKV, D).transpose(1, 2))
+        layer.cumulative_length.zero_()  # every call writes position 0 again
+        return q
+
+    def fused_rotary_and_write():
+        q = rope_cache_write(fused_qkv, cos, sin, layer.keys, layer.values, layer.cumulative_length, **heads)
+        layer.cumulative_length.add_(1)
+        layer.cumulative_length.zero_()  # as above
+        return q
+
     def unfused_mlp_input():
         h = norm(x)
         return F.silu(gate(h)) * up(h)
@@ -84,6 +111,10 @@ def main() -> None:
         "one F.linear": lambda: F.linear(x, qkv_weight),
         "decode_attention": lambda: decode_attention(query, keys, values, valid, scaling=D**-0.5),
         "sdpa attention": lambda: sdpa_attention_forward(attention, query, keys, values, valid, scaling=D**-0.5),
+        "rotary": lambda: rotary(fused_qkv, cos, sin, **heads),
+        "apply_rotary_pos_emb": stock_rotary,
+        "rope_cache_write": fused_rotary_and_write,
+        "rotary + cache update": stock_rotary_and_update,
     }
     env = environment()
     print(f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}, {env['date']}; host µs per call, "

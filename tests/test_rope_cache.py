@@ -19,7 +19,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 import hf_fused
 from hf_fused import generation
 from hf_fused.models import build_random_model
-from hf_fused.ops import rope_cache_write, rope_cache_write_ref
+from hf_fused.ops import rope_cache_write, rope_cache_write_ref, rotary
 from hf_fused.patches.rope_cache import RopeCacheAttention
 from test_decode_attention import assert_compiled_step_matches_stock
 from test_ops import ATOL, DEVICE, DTYPES, requires_cuda
@@ -135,12 +135,15 @@ def _bad(**changes):
     (_bad(qkv=lambda a: a["qkv"][0]), "qkv must be"),
     (_bad(values=lambda a: a["values"][:, :, :4]), "one shape"),
     (_bad(num_heads=6), "must hold 6 query heads"),
-    (_bad(num_kv_heads=1), "a cache of 2 heads"),
+    (_bad(num_kv_heads=1), "and 1 key and value heads"),
+    (_bad(keys=lambda a: a["keys"][:, :1], values=lambda a: a["values"][:, :1]), r"\(1, 2, 8, 16\)"),
     (_bad(cos=lambda a: a["cos"][..., :8]), "cos must be"),
     (_bad(sin=lambda a: torch.cat([a["sin"], a["sin"]], -1)[..., ::2]), "sin must be"),
     (_bad(length=lambda a: a["length"].int()), "length must be a 0-dim int64"),
-    (_bad(keys=lambda a: a["keys"].half(), values=lambda a: a["values"].half()), "one floating dtype"),
-    (_bad(qkv=lambda a: torch.cat([a["qkv"], a["qkv"]], -1)[..., ::2]), "contiguous in their last dimension"),
+    (_bad(keys=lambda a: a["keys"].half(), values=lambda a: a["values"].half()), "in qkv's dtype"),
+    (_bad(cos=lambda a: a["cos"].double()), "cos must be on qkv's device in its dtype"),
+    (_bad(qkv=lambda a: torch.cat([a["qkv"], a["qkv"]], -1)[..., ::2]), "qkv must be contiguous"),
+    (_bad(values=lambda a: torch.cat([a["values"], a["values"]], -1)[..., ::2]), "contiguous in their last dimension"),
 ])
 def test_bad_inputs_raise_and_write_nothing(args, match):
     before = args["keys"].clone(), args["values"].clone()
@@ -150,13 +153,36 @@ def test_bad_inputs_raise_and_write_nothing(args, match):
         assert torch.equal(args["keys"], before[0])
 
 
+def test_rotary_is_transformers_rotary():
+    """Without a cache: q and k as apply_rotary_pos_emb gives them, within 2x its error in low precision."""
+    for dtype in DTYPES:
+        qkv, cos, sin, keys, values, length = make_inputs(2, 3, 6, 2, 16, 8, 0, dtype, cos_rows=1)
+        q, k = rotary(qkv, cos, sin, num_heads=6, num_kv_heads=2)
+        assert q.shape == (2, 3, 6, 16) and k.shape == (2, 3, 2, 16) and q.is_contiguous() and k.is_contiguous()
+        exact_q, exact_k, _ = stock_rotary_and_update(*(t.cpu().double() for t in (qkv, cos, sin, keys, values)),
+                                                      length.cpu(), 6, 2)
+        torch_q, torch_k, _ = stock_rotary_and_update(qkv, cos, sin, keys, values, length, 6, 2)
+        for got, exact, torch_out in ((q, exact_q, torch_q), (k, exact_k[:, :, :3].transpose(1, 2), torch_k[:, :, :3].transpose(1, 2))):
+            kernel_err = (got.cpu().double() - exact).abs().max().item()
+            torch_err = (torch_out.cpu().double() - exact).abs().max().item()
+            assert kernel_err <= 2 * torch_err + ATOL[dtype], (dtype, kernel_err, torch_err)
+        with torch.no_grad():
+            want = torch.ops.hf_fused.rotary(qkv, cos, sin, 6, 2)
+        assert all(torch.equal(a, b) for a, b in zip((q, k), want))
+    torch.library.opcheck(torch.ops.hf_fused.rotary, (qkv.float(), cos.float(), sin.float(), 6, 2))
+    with pytest.raises(ValueError, match="must hold 6 query heads and 3 key"):
+        rotary(qkv, cos, sin, num_heads=6, num_kv_heads=3)
+
+
 @pytest.fixture
 def calls(monkeypatch):
-    """The fused q/k/v shape of every rope_cache_write call the patched attention makes."""
-    shapes = []
-    op = patch_module.rope_cache_write
-    monkeypatch.setattr(patch_module, "rope_cache_write", lambda qkv, *a, **k: (shapes.append(tuple(qkv.shape)), op(qkv, *a, **k))[1])
-    return shapes
+    """(op, fused q/k/v shape) of every rope_cache_write and rotary call the patched attention makes."""
+    seen = []
+    for name in ("rope_cache_write", "rotary"):
+        op = getattr(patch_module, name)
+        monkeypatch.setattr(patch_module, name,
+                            lambda qkv, *a, name=name, op=op, **k: (seen.append((name, tuple(qkv.shape))), op(qkv, *a, **k))[1])
+    return seen
 
 
 def tiny():
@@ -173,14 +199,17 @@ def test_static_generate_matches_stock(fuse, left_pad, calls):
     if left_pad:
         ids[0, :3], mask[0, :3] = 0, 0
     kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=False)
-    for extra, n_calls in (({}, 0), ({"cache_implementation": "static"}, 5 * 2)):
+    qkv_width = 4 * 16 + 2 * 2 * 16
+    # The 7-token prefill rotates (its cache layer is not yet allocated), then 5 decode steps,
+    # 2 layers each: over the dynamic cache they rotate and the cache concatenates; over the
+    # static cache one kernel rotates and writes (on the GPU from generate's compiled graph).
+    prefill = [("rotary", (2, 7, qkv_width))] * 2
+    for extra, op in (({}, "rotary"), ({"cache_implementation": "static"}, "rope_cache_write")):
         want = stock.generate(ids, **kwargs, **extra)
         calls.clear()
         assert torch.equal(model.generate(ids, **kwargs, **extra), want), extra
-        # The dynamic cache and every prefill take the stock forward; each decode step of each
-        # layer over the static cache takes the op (on the GPU, from generate's compiled graph).
         if DEVICE == "cpu":
-            assert calls == [(2, 1, 4 * 16 + 2 * 2 * 16)] * n_calls, extra
+            assert calls == prefill + [(op, (2, 1, qkv_width))] * 5 * 2, extra
     assert torch.equal(generation.generate(model, ids, 6, attention_mask=mask), want)
 
 
@@ -204,13 +233,13 @@ def test_a_few_tokens_over_a_filled_cache_match_stock(calls):
         torch.testing.assert_close(layer.keys, stock_layer.keys, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(layer.values, stock_layer.values, rtol=1e-4, atol=1e-5)
         assert int(layer.cumulative_length) == int(stock_layer.cumulative_length) == 11
-    assert calls == [(2, 4, 4 * 16 + 2 * 2 * 16)] * 2
+    assert calls == [("rotary", (2, 7, 4 * 16 + 2 * 2 * 16))] * 2 + [("rope_cache_write", (2, 4, 4 * 16 + 2 * 2 * 16))] * 2
 
 
 @pytest.mark.parametrize("backend", ["eager", "aot_eager"])
 def test_compiled_decode_step_has_no_graph_break(backend, calls):
     assert_compiled_step_matches_stock(ROPE, backend)
-    assert (2, 1, 4 * 16 + 2 * 2 * 16) in calls  # traced into the graph, not left to the stock forward
+    assert ("rope_cache_write", (2, 1, 4 * 16 + 2 * 2 * 16)) in calls  # traced into the graph, not left to the stock forward
 
 
 @pytest.mark.parametrize("family", ["mistral", "qwen3", "gemma"])

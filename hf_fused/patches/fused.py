@@ -5,7 +5,7 @@ Norms: a norm whose work a fused op does becomes a PassThroughNorm, which hands 
 Attention: the family's own forward keeps running. A forward pre-hook hands it the fused q/k/v
 output instead of the hidden states, and its q_proj/k_proj/v_proj become column slices of that
 output, so rotary, q/k norms, sliding windows, softcap, scaling and the cache update are not
-rewritten (fuse="rope" alone does rotary and the static-cache write, for Llama's attention:
+rewritten (fuse="rope" alone does rotary, and a static cache's write, for Llama's attention:
 patches/rope_cache.py).
 
 MLP: a gated MLP becomes a FusedMLP, down_proj(rmsnorm_gate_up(x)); down_proj stays its own.

@@ -436,9 +436,10 @@ def patch_model(model: nn.Module, *, verify: bool = False, fuse: tuple[str, ...]
         module hands the attention's output on for the layer to project. state_dict keys,
         save_pretrained and torch.save(model) are unchanged.
       - "rope" (opt-in, with "qkv"): a decode step's rotary embedding of q and k and its write of
-        k and v into a static cache run in one kernel, hf_fused.ops.rope_cache_write. The
-        attention instance gets a subclass of its class with that forward, for Llama's attention
-        only (patches/rope_cache.py); other calls (prefill, dynamic caches) run the stock forward.
+        k and v into a static cache run in one kernel, hf_fused.ops.rope_cache_write; over other
+        caches hf_fused.ops.rotary rotates and the cache writes. The attention instance gets a
+        subclass of its class with that forward, for Llama's attention only
+        (patches/rope_cache.py); prefills of over 16 tokens and training run the stock forward.
     The default is the first three, each measured to help a compiled (CUDA-graph) decode on a GPU,
     and together eager ``generate`` (README, "Measured speed").
 

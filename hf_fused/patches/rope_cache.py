@@ -1,22 +1,25 @@
-"""fuse="rope": a decode step's rotary embedding and static-cache write in one kernel.
+"""fuse="rope": a decode step's rotary embedding, and its static-cache write, in one kernel.
 
 The stock attention forward rotates q and k (apply_rotary_pos_emb), then its cache layer writes
 k and v (StaticLayer.update: two index_copy_), then it calls its attention function. Compiled,
-that is four small Inductor kernels a layer (docs/profile_decode.md). Here the attention
-instance gets a subclass of its class (one per class, as for fuse="residual") whose forward
-does the same with hf_fused.ops.rope_cache_write, on the fused q/k/v output that the qkv
-fusion's pre-hook hands it, and then calls the attention function that the stock forward
-would call, with the same arguments.
+that is four small Inductor kernels a layer (docs/profile_decode.md); eager, over transformers'
+dynamic cache, apply_rotary_pos_emb alone is a dozen eager calls. Here the attention instance
+gets a subclass of its class (one per class, as for fuse="residual") whose forward does the same
+on the fused q/k/v output that the qkv fusion's pre-hook hands it: over an initialized
+StaticLayer, hf_fused.ops.rope_cache_write rotates and writes in one kernel; over any other
+cache (or none), hf_fused.ops.rotary rotates and the cache's own update writes. Then it calls
+the attention function that the stock forward would call, with the same arguments.
 
 Only where that forward is known line for line: ROPE_CACHE_ATTENTIONS, Llama's attention (q, k,
-v heads from one projection each, full-width rotary, no q/k norm, no sliding window). Each call
-that is not a decode step over an initialized StaticLayer in a kernel dtype (prefill, a dynamic
-cache, training, ...) runs the stock forward unchanged.
+v heads from one projection each, full-width rotary, no q/k norm, no sliding window). Prefill
+(more than MAX_QUERY tokens), training, and dtypes or devices without the kernel run the stock
+forward unchanged.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import sys
 
 import torch
@@ -24,7 +27,7 @@ from torch import Tensor, nn
 from transformers.cache_utils import StaticLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from hf_fused.ops import kernel_runs, rope_cache_write
+from hf_fused.ops import kernel_runs, rope_cache_write, rotary
 
 # The attention classes whose forward RopeCacheAttention.forward computes, as module.qualname.
 ROPE_CACHE_ATTENTIONS = frozenset({"transformers.models.llama.modeling_llama.LlamaAttention"})
@@ -43,7 +46,7 @@ def _static_layer(cache, layer_idx: int) -> StaticLayer | None:
 
 
 class RopeCacheAttention(nn.Module):
-    """The forward of an attention whose decode steps rotate and cache in one kernel.
+    """The forward of an attention whose decode steps rotate (and cache, if static) in one kernel.
 
     Never used alone: rope_cache_class puts it before a class of ROPE_CACHE_ATTENTIONS, whose
     forward is: q, k, v = views of the projections; q, k = apply_rotary_pos_emb(q, k, cos, sin);
@@ -53,28 +56,42 @@ class RopeCacheAttention(nn.Module):
     """
 
     stock_class: type[nn.Module]
+    # Whether the stock forward hands its **kwargs on to cache.update (transformers >= 5.24,
+    # which also renamed past_key_values to cache), so that this forward does the same.
+    update_gets_kwargs: bool
 
     def forward(self, hidden_states: Tensor, position_embeddings: tuple[Tensor, Tensor] | None = None,
                 attention_mask: Tensor | None = None, *args, **kwargs) -> tuple[Tensor, Tensor | None]:
-        layer = None
+        cache = None
         for name in _CACHE_ARGS:
             if kwargs.get(name) is not None:
-                layer = _static_layer(kwargs[name], self.layer_idx)
-        if (args or layer is None or position_embeddings is None or self.training or hidden_states.dim() != 3
+                cache = kwargs[name]
+        if (args or position_embeddings is None or self.training or hidden_states.dim() != 3
                 or hidden_states.shape[1] > MAX_QUERY or not kernel_runs(hidden_states)
                 or (torch.is_grad_enabled() and hidden_states.requires_grad)
-                or layer.keys.dtype != hidden_states.dtype or position_embeddings[0].dtype != hidden_states.dtype):
+                or position_embeddings[0].dtype != hidden_states.dtype):
             return super().forward(hidden_states, position_embeddings, attention_mask, *args, **kwargs)
         batch, tokens, _ = hidden_states.shape
         cos, sin = position_embeddings
-        query = rope_cache_write(hidden_states, cos, sin, layer.keys, layer.values, layer.cumulative_length,
-                                 num_heads=self.config.num_attention_heads, num_kv_heads=self.config.num_key_value_heads)
-        layer.cumulative_length.add_(tokens)  # as StaticLayer.update advances it
+        heads = dict(num_heads=self.config.num_attention_heads, num_kv_heads=self.config.num_key_value_heads)
+        rest = {k: v for k, v in kwargs.items() if k not in _CACHE_ARGS}
+        layer = None if cache is None else _static_layer(cache, self.layer_idx)
+        if layer is not None and layer.keys.dtype == hidden_states.dtype:
+            query = rope_cache_write(hidden_states, cos, sin, layer.keys, layer.values, layer.cumulative_length, **heads)
+            layer.cumulative_length.add_(tokens)  # as StaticLayer.update advances it
+            keys, values = layer.keys, layer.values
+        else:
+            query, keys = rotary(hidden_states, cos, sin, **heads)
+            kv_heads, head_dim = heads["num_kv_heads"], keys.shape[-1]
+            values = hidden_states[..., -kv_heads * head_dim :].view(batch, tokens, kv_heads, head_dim).transpose(1, 2)
+            keys = keys.transpose(1, 2)
+            if cache is not None:
+                extra = {"kwargs": rest} if self.update_gets_kwargs else {}
+                keys, values = cache.update(keys, values, self.layer_idx, **extra)
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, sys.modules[self.stock_class.__module__].eager_attention_forward
         )
-        rest = {k: v for k, v in kwargs.items() if k not in _CACHE_ARGS}
-        out, weights = attention(self, query.transpose(1, 2), layer.keys, layer.values, attention_mask,
+        out, weights = attention(self, query.transpose(1, 2), keys, values, attention_mask,
                                  dropout=0.0, scaling=self.scaling, **rest)
         return self.o_proj(out.reshape(batch, tokens, -1).contiguous()), weights
 
@@ -93,8 +110,9 @@ def _new_rope_cache_attention(stock: type[nn.Module]) -> nn.Module:
 def rope_cache_class(stock: type[nn.Module]) -> type[nn.Module]:
     """The subclass that patch_model gives an attention instance for fuse="rope" (unpatch_model
     gives it ``stock`` back): one per class, so compiled code sees one class for all layers."""
+    update_gets_kwargs = "cache" in inspect.signature(stock.forward).parameters
     return type(f"RopeCache{stock.__name__}", (RopeCacheAttention, stock),
-                dict(stock_class=stock, __module__=__name__))
+                dict(stock_class=stock, update_gets_kwargs=update_gets_kwargs, __module__=__name__))
 
 
 def rope_cache_problem(attn: nn.Module, qkv_rows: int) -> str | None:
