@@ -92,6 +92,27 @@ def test_split_counts_agree(num_splits):
     torch.testing.assert_close(out, decode_attention_ref(q, k, v, mask, 0.25), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("with_mask", [True, False], ids=["mask", "no-mask"])
+def test_one_split_writes_the_output_without_the_merge(with_mask):
+    """A cache of one tile is one split: the split kernel writes the output, eager and traced;
+    a row with no key to attend gives 0, as the merge gives it."""
+    q, k, v, mask = make_inputs(2, 8, 2, 2, 40, 16, torch.float32, [40, 9])
+    mask[1, :, 0] = False  # row 1's first token attends nothing
+    mask = mask if with_mask else None
+    if not op_module.runs_triton(q):
+        pytest.skip("needs a GPU or Triton's interpreter")
+    out = q.new_empty(2, 2, 8, 16)
+    assert len(op_module.decode_launches(q, k, v, mask, 0.25, out)) == 1
+    with torch.no_grad():
+        eager = decode_attention(q, k, v, mask, scaling=0.25)
+        traced = torch.ops.hf_fused.decode_attention(q, k, v, mask, 0.25)
+    want = decode_attention_ref(q, k, v, mask, 0.25)
+    torch.testing.assert_close(eager, want, rtol=1e-5, atol=1e-6)
+    assert torch.equal(traced, eager)
+    if with_mask:
+        assert not eager[1, 0].any()
+
+
 def test_splits_fill_the_gpu_and_cover_every_key():
     for batch_heads, S in [(8, 384), (8, 4224), (32, 4224), (1, 1), (64, 100)]:
         splits, split_len = op_module.split_keys(batch_heads, S, 64, torch.device("cpu"))

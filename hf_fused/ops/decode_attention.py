@@ -21,6 +21,8 @@ Two kernels:
    (the cache beyond the current length) are skipped before K and V are loaded, so the bytes
    read are the valid keys' bytes, however large the cache.
 2. grid (B * Hq * M,): merges each row's partials and writes the output.
+When one split takes every key (a cache of one tile, or DecodeConfig(num_splits=1)), the first
+kernel writes the output itself and the merge is not launched.
 The split count comes from the SM count and the cache length, so that one sequence over a short
 cache and a batch over a long one both fill the GPU. Lengths are runtime arguments: a longer
 cache is a new grid, not a recompile.
@@ -92,12 +94,12 @@ def split_keys(batch_heads: int, S: int, block_n: int, device: torch.device, num
 
 @triton.jit
 def _decode_partial_kernel(
-    q_ptr, k_ptr, v_ptr, mask_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
+    q_ptr, k_ptr, v_ptr, mask_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr,
     Hkv, G, M, S, split_len, num_splits, scale_log2,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-    stride_mb, stride_mh, stride_mm, stride_mn,
-    HEAD_DIM: tl.constexpr, HAS_MASK: tl.constexpr, IEEE: tl.constexpr, INTERPRETED: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    stride_mb, stride_mh, stride_mm, stride_mn, stride_ob, stride_om, stride_oh,
+    HEAD_DIM: tl.constexpr, HAS_MASK: tl.constexpr, DIRECT: tl.constexpr, IEEE: tl.constexpr,
+    INTERPRETED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_bh, split = tl.program_id(0), tl.program_id(1)
     b, j = pid_bh // Hkv, pid_bh % Hkv
@@ -141,10 +143,15 @@ def _decode_partial_kernel(
             p = _round_to(p, v_ptr.dtype.element_ty, INTERPRETED)
             acc = _dot(p, v, acc * alpha[:, None], INTERPRETED, IEEE)
             m_i = m_new
-    part = (pid_bh * G * M + rows) * num_splits + split
-    tl.store(part_m_ptr + part, m_i, mask=row_ok)
-    tl.store(part_l_ptr + part, l_i, mask=row_ok)
-    tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=row_ok[:, None] & d_ok[None, :])
+    if DIRECT:  # one split holds every key: the output, as the merge would compute it from one partial
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        out_ptrs = out_ptr + b * stride_ob + tok[:, None] * stride_om + head[:, None] * stride_oh + offs_d[None, :]
+        tl.store(out_ptrs, _round_to(out, out_ptr.dtype.element_ty, INTERPRETED), mask=row_ok[:, None] & d_ok[None, :])
+    else:
+        part = (pid_bh * G * M + rows) * num_splits + split
+        tl.store(part_m_ptr + part, m_i, mask=row_ok)
+        tl.store(part_l_ptr + part, l_i, mask=row_ok)
+        tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=row_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
@@ -189,29 +196,35 @@ def _partials(rows: int, num_splits: int, D: int, device: torch.device) -> tuple
 
 def decode_launches(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scaling: float, out: Tensor,
                     config: DecodeConfig = DecodeConfig()) -> list[tuple]:
-    """Both kernels' launches, each (kernel, grid, runtime arguments with the tensors first,
-    meta-parameters, tensor count). q (B, Hq, M, D), k and v (B, Hkv, S, D) with unit stride in
-    D, mask broadcastable to (B, Hq, M, S) bool or None, out (B, M, Hq, D) with unit stride in D."""
+    """The kernels' launches, each (kernel, grid, runtime arguments with the tensors first,
+    meta-parameters, tensor count): the split kernel and the merge, or the split kernel alone
+    when one split takes every key (it then writes out itself). q (B, Hq, M, D), k and v
+    (B, Hkv, S, D) with unit stride in D, mask broadcastable to (B, Hq, M, S) bool or None, out
+    (B, M, Hq, D) with unit stride in D."""
     B, Hq, M, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     G = Hq // Hkv
     num_splits, split_len = split_keys(B * Hkv, S, config.BLOCK_N, q.device, config.num_splits)
-    part_m, part_l, part_acc = _partials(B * Hq * M, num_splits, D, q.device)
+    direct = num_splits == 1
+    # One split writes out directly: out stands in for the partials, which it never reads or writes.
+    part_m, part_l, part_acc = (out, out, out) if direct else _partials(B * Hq * M, num_splits, D, q.device)
     # A broadcast dimension has stride 0. The bool mask goes in as it is: Triton loads a bool
     # pointer's bytes, and Inductor cannot lower a bool -> uint8 view in a compiled step.
     m = (mask if mask is not None else q.new_ones((), dtype=torch.bool)).expand(B, Hq, M, S)
     interpreted, block_d = triton_interpreter_enabled(), max(16, triton.next_power_of_2(D))
     partial = (
         _decode_partial_kernel, (B * Hkv, num_splits),
-        (q, k, v, m, part_m, part_l, part_acc,
+        (q, k, v, m, part_m, part_l, part_acc, out,
          Hkv, G, M, S, split_len, num_splits, scaling * math.log2(math.e),
          q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-         *m.stride()),
-        dict(HEAD_DIM=D, HAS_MASK=mask is not None, IEEE=q.dtype == torch.float32, INTERPRETED=interpreted,
+         *m.stride(), out.stride(0), out.stride(1), out.stride(2)),
+        dict(HEAD_DIM=D, HAS_MASK=mask is not None, DIRECT=direct, IEEE=q.dtype == torch.float32, INTERPRETED=interpreted,
              BLOCK_R=max(16, triton.next_power_of_2(G * M)), BLOCK_N=config.BLOCK_N, BLOCK_D=block_d,
              num_warps=config.num_warps),
-        7,
+        8,
     )
+    if direct:
+        return [partial]
     reduce = (
         _decode_reduce_kernel, (B * Hq * M,),
         (part_m, part_l, part_acc, out, Hq, M, num_splits, out.stride(0), out.stride(1), out.stride(2)),
@@ -224,7 +237,7 @@ def decode_launches(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scalin
 
 def launch_decode(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scaling: float, out: Tensor,
                   config: DecodeConfig = DecodeConfig()) -> None:
-    """Both kernels, shapes as in decode_launches."""
+    """The kernels of decode_launches, shapes as there."""
     for kernel, grid, args, meta, _ in decode_launches(q, k, v, mask, scaling, out, config):
         wrap_triton(kernel)[grid](*args, **meta)
 
@@ -265,26 +278,31 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scaling:
         raise ValueError(f"scaling must be a finite float, got {scaling!r}")
 
 
-_EAGER_LAUNCHES: dict[tuple, tuple[EagerLaunch, EagerLaunch]] = {}
+_EAGER_LAUNCHES: dict[tuple, tuple[EagerLaunch, ...]] = {}
 
 
 def _eager_decode(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scaling) -> Tensor:
-    """Both kernels launched from eager code, their launches resolved once per signature."""
+    """The kernels launched from eager code, their launches resolved once per signature."""
 
-    def build() -> tuple[EagerLaunch, EagerLaunch]:
+    def build() -> tuple[EagerLaunch, ...]:
         _check_inputs(q, k, v, mask, scaling)
         B, Hq, M, D = q.shape
         kernels = decode_launches(q, k, v, mask, float(scaling), q.new_empty((B, M, Hq, D)))
         return tuple(EagerLaunch(kernel, grid, args, meta, n) for kernel, grid, args, meta, n in kernels)
 
-    partial, reduce = cached_launch(_EAGER_LAUNCHES, (signature(q, k, v, mask), scaling), build)
+    launches = cached_launch(_EAGER_LAUNCHES, (signature(q, k, v, mask), scaling), build)
     # The signature fixes the partials' shapes and out's. A mask of None is never read
-    # (HAS_MASK), so any pointer stands in for it.
+    # (HAS_MASK), nor are the partials of one split (DIRECT), so out stands in for them.
     B, Hq, M, D = q.shape
     out = q.new_empty((B, M, Hq, D))
-    part_m, part_l, part_acc = _partials(B * Hq * M, partial.grid[1], D, q.device)
+    mask = out if mask is None else mask
     with on_device_of(q):
-        partial(q, k, v, mask if mask is not None else part_m, part_m, part_l, part_acc)
+        if len(launches) == 1:
+            launches[0](q, k, v, mask, out, out, out, out)
+            return out
+        partial, reduce = launches
+        part_m, part_l, part_acc = _partials(B * Hq * M, partial.grid[1], D, q.device)
+        partial(q, k, v, mask, part_m, part_l, part_acc, out)
         reduce(part_m, part_l, part_acc, out)
     return out
 
