@@ -3,7 +3,8 @@
 # with no network. Each stage writes its outputs under $OUT (./out without it) as it goes, and
 # bounds every step with a timeout, so a stage that runs long still returns what it measured.
 #
-#   bash benchmarks/gpu_session.sh rope        # fuse="rope": its GPU tests and op benchmark, the 8B fast loop with it, its profile
+#   bash benchmarks/gpu_session.sh rope        # fuse="rope": its GPU tests and op benchmark, the 8B fast loop with it, its
+#                                              # profile; the decode attention with one split per kv head
 #   bash benchmarks/gpu_session.sh tests       # GPU tests of the kernels: ops, eager launches, placement, decode attention
 #   bash benchmarks/gpu_session.sh compiled    # GPU tests that compile decode steps: patched generate, hf_fused.generate
 #   bash benchmarks/gpu_session.sh profile     # the 8B fast-loop step profiled with and without the decode attention; host time
@@ -40,14 +41,16 @@ case "${1:-}" in
 rope)
     # The op at real sizes, and the residual op's opcheck that failed on the GPU before its fix;
     # compiled decoding with every fusion, rope included, is in the compiled stage.
-    step 150 tests_rope.txt python3 -m pytest -q -p no:cacheprovider tests/test_rope_cache.py \
-        tests/test_ops_streaming_linear.py -k "rope or opcheck"
+    step 120 tests_rope.txt python3 -m pytest -q -p no:cacheprovider tests/test_rope_cache.py \
+        tests/test_ops_streaming_linear.py tests/test_decode_attention.py -k "rope or opcheck or one_split"
     step 60 bench_rope_cache.txt python3 benchmarks/bench_rope_cache.py --out "$out"
     step 240 tps_8b_fastloop_rope.txt python3 examples/compare_tps.py --shape llama3-8b --modes fast-loop --batch-sizes 1 \
         --new-tokens 64 --repeats 2 --peers none --fuse qkv,mlp,gemv,attention,residual \
         --also-fuse qkv,mlp,gemv,attention,residual,rope --out "$out"
     step 90 profile_8b_rope.txt python3 benchmarks/profile_decode.py --shape llama3-8b \
         --fuse qkv,mlp,gemv,attention,residual,rope --out "$out"
+    # Last, as the one to lose if the call runs long: one split per kv head against the default splits.
+    step 60 bench_decode_attention.txt python3 benchmarks/bench_decode_attention.py --out "$out"
     ;;
 tests)
     step 540 tests.txt python3 -m pytest -q -p no:cacheprovider tests/test_eager_launch.py tests/test_ops.py \
