@@ -94,3 +94,15 @@ def test_eager_launch_checks_its_inputs_once_resolved_for_a_bad_signature():
         rmsnorm_qkv(x, norm_weight[:-1], weight, eps=EPS)
     with torch.no_grad(), pytest.raises(ValueError, match="gate_up_weight must have shape"):
         rmsnorm_gate_up(x, norm_weight, weight[:-1], eps=EPS)
+
+
+def test_the_launch_cache_keeps_the_newest_signatures(monkeypatch):
+    """Signatures that vary without bound (the decode attention's key length over a dynamic
+    cache) evict the oldest launches rather than grow the cache."""
+    common = importlib.import_module("hf_fused.ops._common")
+    monkeypatch.setattr(common, "MAX_CACHED_LAUNCHES", 3)
+    cache, built = {}, []
+    for key in range(5):
+        common.cached_launch(cache, (key,), lambda key=key: built.append(key) or f"launch {key}")
+    assert list(cache) == [(2,), (3,), (4,)] and built == [0, 1, 2, 3, 4]
+    assert common.cached_launch(cache, (4,), lambda: "rebuilt") == "launch 4"

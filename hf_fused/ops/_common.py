@@ -285,9 +285,18 @@ class EagerLaunch:
         self.compiled[self.grid](*tensors, *self.tail, stream=triton.runtime.driver.active.get_current_stream(device))
 
 
+MAX_CACHED_LAUNCHES = 256  # per op: signatures that vary without bound must not grow the cache so
+
+
 def cached_launch(cache: dict, key: tuple, build) -> EagerLaunch:
-    """``cache[key]``, built by ``build()`` on the first call with that key."""
+    """``cache[key]``, built by ``build()`` on the first call with that key.
+
+    A key holds shapes: over transformers' dynamic cache the decode attention meets a new key
+    length every step, so past MAX_CACHED_LAUNCHES keys the oldest goes (the dict keeps
+    insertion order)."""
     launch = cache.get(key)
     if launch is None:
+        if len(cache) >= MAX_CACHED_LAUNCHES:
+            del cache[next(iter(cache))]
         launch = cache[key] = build()
     return launch
