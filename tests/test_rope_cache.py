@@ -6,6 +6,7 @@ on a GPU they run the compiled kernel, at the Llama-3-8B shape too.
 """
 
 import copy
+import functools
 import importlib
 import logging
 import pickle
@@ -178,10 +179,16 @@ def test_rotary_is_transformers_rotary():
 def calls(monkeypatch):
     """(op, fused q/k/v shape) of every rope_cache_write and rotary call the patched attention makes."""
     seen = []
+
+    def spy(qkv, *args, name, op, **kwargs):
+        # Not while Dynamo traces (generate compiles static-cache steps on the GPU): it would
+        # guard the graph on len(seen) and recompile every step.
+        if not torch.compiler.is_compiling():
+            seen.append((name, tuple(qkv.shape)))
+        return op(qkv, *args, **kwargs)
+
     for name in ("rope_cache_write", "rotary"):
-        op = getattr(patch_module, name)
-        monkeypatch.setattr(patch_module, name,
-                            lambda qkv, *a, name=name, op=op, **k: (seen.append((name, tuple(qkv.shape))), op(qkv, *a, **k))[1])
+        monkeypatch.setattr(patch_module, name, functools.partial(spy, name=name, op=getattr(patch_module, name)))
     return seen
 
 
