@@ -8,7 +8,7 @@
 #   bash benchmarks/gpu_session.sh tests       # GPU tests of the kernels: ops, eager launches, placement, decode attention
 #   bash benchmarks/gpu_session.sh compiled    # GPU tests that compile decode steps: patched generate, hf_fused.generate
 #   bash benchmarks/gpu_session.sh profile     # the 8B fast-loop step profiled with and without the decode attention; host time
-#   bash benchmarks/gpu_session.sh tps8b       # tokens/s, 8B shape, batch 1, three modes; with every fusion and Liger
+#   bash benchmarks/gpu_session.sh tps8b       # tokens/s, 8B shape, batch 1, three modes; the module fusions alone, Liger
 #   bash benchmarks/gpu_session.sh tps8b-b4    # the same at batch 4, without Liger
 #   bash benchmarks/gpu_session.sh tps-smollm2 # the same for SmolLM2-135M's shape at batch 1; then sampling in the 8B fast loop
 #   bash benchmarks/gpu_session.sh ops         # the three weight ops against their peers at M = 1, 4, 16, every shape
@@ -71,9 +71,10 @@ tps8b | tps8b-b4 | tps-smollm2)
         python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl &&
             export PYTHONPATH="$PYTHONPATH:/tmp/site"
     fi
-    # Beside the default fusions, every fusion (rope applies to Llama's attention, so to every shape here).
+    # The default (every fusion; rope applies to Llama's attention, so to every shape here) beside
+    # the three module fusions alone.
     tps=(python3 examples/compare_tps.py --modes eager,hf-static,fast-loop --new-tokens 64 --repeats 2
-        --also-fuse qkv,mlp,gemv,attention,residual,rope --out "$out")
+        --also-fuse qkv,mlp,gemv --out "$out")
     case "$1" in
     tps8b) step 560 tps_8b.txt "${tps[@]}" --shape llama3-8b --batch-sizes 1 ;;
     tps8b-b4) step 560 tps_8b_b4.txt "${tps[@]}" --shape llama3-8b --batch-sizes 4 --peers none ;;

@@ -7,7 +7,7 @@
     torchrun --nproc-per-node 2 examples/compare_tps.py --shape llama3-8b --tp-plan auto
     python examples/compare_tps.py --do-sample --temperature 0.7 --top-p 0.9    # sampling, not greedy
     python examples/compare_tps.py --table out/compare_tps/RUN.json              # reprint a run's table
-    python examples/compare_tps.py --also-fuse qkv,mlp,gemv,attention          # a second fusion set too
+    python examples/compare_tps.py --also-fuse qkv,mlp,gemv                    # a second fusion set too
 
 Modes, each run on the stock model, then on the same model object patched, then patched with
 each --also-fuse set of fusions, then (with --peers liger, the default when liger-kernel is
@@ -89,11 +89,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per cell; the median is reported")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fuse", default=",".join(DEFAULT_FUSE),
-                        help="comma list of the fusions patch_model applies: qkv, mlp, gemv (the default), "
-                             "attention (opt-in)")
+                        help="comma list of the fusions patch_model applies, from qkv, mlp, gemv, attention, "
+                             "residual, rope (the default: all of them)")
     parser.add_argument("--also-fuse", action="append", default=[], metavar="FUSE",
                         help="another comma list of fusions, measured as a variant of its own after patched "
-                             "(e.g. qkv,mlp,gemv,attention); repeatable")
+                             "(e.g. qkv,mlp,gemv); repeatable")
     parser.add_argument("--peers", choices=("liger", "none"),
                         help="peer system measured in the same run, after unpatched and patched: liger "
                              "(Liger-Kernel 0.8.5) or none; default: liger if liger-kernel is installed")

@@ -175,15 +175,13 @@ def test_rotary_is_transformers_rotary():
         rotary(qkv, cos, sin, num_heads=6, num_kv_heads=3)
 
 
-@pytest.fixture
-def calls(monkeypatch):
-    """(op, fused q/k/v shape) of every rope_cache_write and rotary call the patched attention makes."""
+def spy_on_calls(monkeypatch, *, while_tracing: bool) -> list:
+    """(op, fused q/k/v shape) of every rope_cache_write and rotary call the patched attention makes,
+    and, with ``while_tracing``, of every one that Dynamo traces into a graph."""
     seen = []
 
     def spy(qkv, *args, name, op, **kwargs):
-        # Not while Dynamo traces (generate compiles static-cache steps on the GPU): it would
-        # guard the graph on len(seen) and recompile every step.
-        if not torch.compiler.is_compiling():
+        if while_tracing or not torch.compiler.is_compiling():
             seen.append((name, tuple(qkv.shape)))
         return op(qkv, *args, **kwargs)
 
@@ -192,12 +190,24 @@ def calls(monkeypatch):
     return seen
 
 
+@pytest.fixture
+def calls(monkeypatch):
+    return spy_on_calls(monkeypatch, while_tracing=True)
+
+
+@pytest.fixture
+def eager_calls(monkeypatch):
+    # For generate, which compiles static-cache steps on the GPU: a spy traced there would guard
+    # the graph on the list's length, and every step would recompile.
+    return spy_on_calls(monkeypatch, while_tracing=False)
+
+
 def tiny():
     return build_random_model("tiny-llama", torch.float32, DEVICE, std=0.2)
 
 
 @pytest.mark.parametrize("fuse, left_pad", [(ROPE, False), (EVERY, True)], ids=["rope", "every-left-padded"])
-def test_static_generate_matches_stock(fuse, left_pad, calls):
+def test_static_generate_matches_stock(fuse, left_pad, eager_calls):
     stock = tiny()
     model = hf_fused.patch_model(copy.deepcopy(stock), fuse=fuse)
     assert all(isinstance(layer.self_attn, RopeCacheAttention) for layer in model.model.layers)
@@ -213,10 +223,10 @@ def test_static_generate_matches_stock(fuse, left_pad, calls):
     prefill = [("rotary", (2, 7, qkv_width))] * 2
     for extra, op in (({}, "rotary"), ({"cache_implementation": "static"}, "rope_cache_write")):
         want = stock.generate(ids, **kwargs, **extra)
-        calls.clear()
+        eager_calls.clear()
         assert torch.equal(model.generate(ids, **kwargs, **extra), want), extra
         if DEVICE == "cpu":
-            assert calls == prefill + [(op, (2, 1, qkv_width))] * 5 * 2, extra
+            assert eager_calls == prefill + [(op, (2, 1, qkv_width))] * 5 * 2, extra
     assert torch.equal(generation.generate(model, ids, 6, attention_mask=mask), want)
 
 
