@@ -5,6 +5,7 @@
 For each shape (K -> N) and token count M, in bf16, it times:
   fused       hf_fused.ops.rmsnorm_qkv (for M > 64 its default prefill path: Triton norm, then cuBLAS)
   fused_gemm  for M > 64, the single fused tl.dot GEMM kernel instead
+  tma_gemm    for M > 64, the persistent TMA tl.dot GEMM kernel, the norm's reduction in its K loop
   eager3      LlamaRMSNorm, then three nn.Linear (what transformers runs)
   compiled3   torch.compile of eager3
   compiled1   torch.compile of the norm and one linear on the concatenated weight (strongest peer)
@@ -99,6 +100,10 @@ def bench_point(name, M, bandwidth, flops):
             lambda nw=nw, w=w: rmsnorm_qkv_2d(x, nw, w, None, EPS, False, prefill="fused")
             for nw, w in zip(norm_weights, weights)
         ]
+        calls["tma_gemm"] = [
+            lambda nw=nw, w=w: rmsnorm_qkv_2d(x, nw, w, None, EPS, False, prefill="tma")
+            for nw, w in zip(norm_weights, weights)
+        ]
     exact = rmsnorm_qkv_ref(x, norm_weights[0], weights[0], eps=EPS, upcast=True)
 
     moved = N * K * 2 + (M * K + M * N + K) * 2
@@ -106,6 +111,8 @@ def bench_point(name, M, bandwidth, flops):
            "floor_us": floor_us(moved, 2 * M * N * K, bandwidth, flops), "bytes": moved,
            "fused_rel_err": rel_err(rmsnorm_qkv(x, norm_weights[0], weights[0], eps=EPS), exact),
            "torch_rel_err": rel_err(norm_then_linear(x, norm_weights[0], weights[0]), exact),
+           **({"tma_rel_err": rel_err(rmsnorm_qkv_2d(x, norm_weights[0], weights[0], None, EPS, False, prefill="tma"), exact)}
+              if M > DECODE_MAX_M else {}),
            **time_variants(calls)}
     del weights, norm_weights, unfused, calls
     torch.cuda.empty_cache()
@@ -116,7 +123,7 @@ OP = OpBench(
     stem="bench_rmsnorm_qkv",
     shapes=list(SHAPES),
     peers={"eager3": "eager3", "compiled3": "compiled3", "compiled1": "compiled1", "gemm_only": "cuBLAS no norm"},
-    extra={"fused_gemm_graph_us": "fused GEMM kernel", "fused_launch_us": "fused launch",
+    extra={"fused_gemm_graph_us": "fused GEMM kernel", "tma_gemm_graph_us": "TMA GEMM kernel", "fused_launch_us": "fused launch",
            "eager3_launch_us": "eager3 launch"},
     bench_point=bench_point,
 )

@@ -12,7 +12,9 @@
 #   bash benchmarks/gpu_session.sh tps8b-b4    # the same at batch 4, without Liger
 #   bash benchmarks/gpu_session.sh tps-smollm2 # the same for SmolLM2-135M's shape at batch 1; then sampling in the 8B fast loop
 #   bash benchmarks/gpu_session.sh ops         # the three weight ops against their peers at M = 1, 4, 16, every shape
-#   bash benchmarks/gpu_session.sh ops-prefill # the QKV op at prefill sizes; the decode attention
+#   bash benchmarks/gpu_session.sh ops-prefill # the QKV op at prefill sizes (the TMA kernel's GPU tests first);
+#                                              # the decode attention
+#   bash benchmarks/gpu_session.sh tune-tma    # the TMA prefill kernel's config sweep, 8B and 70B, M = 2048, 16384
 #   bash benchmarks/gpu_session.sh static      # static-cache generate profiled (SmolLM2), with Inductor's code
 #   bash benchmarks/gpu_session.sh tune        # the QKV kernel's config sweep at M = 16
 #   bash benchmarks/gpu_session.sh ncu         # Nsight Compute on the 8B one-token QKV kernel
@@ -92,6 +94,7 @@ ops)
     done
     ;;
 ops-prefill)
+    step 120 tests_prefill.txt python3 -m pytest -q -p no:cacheprovider tests/test_ops.py -k "prefill or tma or real_sizes"
     step 280 bench_rmsnorm_qkv_prefill.txt python3 benchmarks/bench_rmsnorm_qkv.py --ms 256,2048,16384 --out "$out"
     step 100 bench_decode_attention.txt python3 benchmarks/bench_decode_attention.py --out "$out"
     ;;
@@ -108,13 +111,17 @@ tune)
     step 240 tune_qkv_m16.txt python3 benchmarks/tune_rmsnorm_qkv.py --ms 16 --shapes llama3-8b,llama3-70b \
         --out "$out/tune_qkv_m16.json"
     ;;
+tune-tma)
+    step 500 tune_tma.txt python3 benchmarks/tune_rmsnorm_qkv.py --prefill tma --ms 2048,16384 \
+        --shapes llama3-8b,llama3-70b --out "$out/tune_tma.json"
+    ;;
 ncu)
     step 120 ncu_qkv_8b.txt ncu --clock-control none -k regex:rmsnorm_qkv --launch-skip 3 --launch-count 1 \
         --section SpeedOfLight --section MemoryWorkloadAnalysis --section LaunchStats --section Occupancy \
         --section WarpStateStats --section SchedulerStats python3 benchmarks/ncu_target.py --op rmsnorm_qkv --m 1
     ;;
 *)
-    echo "usage: bash benchmarks/gpu_session.sh rope|tests|compiled|profile|tps8b|tps8b-b4|tps-smollm2|ops|ops-prefill|static|tune|ncu" >&2
+    echo "usage: bash benchmarks/gpu_session.sh rope|tests|compiled|profile|tps8b|tps8b-b4|tps-smollm2|ops|ops-prefill|static|tune|tune-tma|ncu" >&2
     exit 2
     ;;
 esac

@@ -4,6 +4,10 @@
     python benchmarks/tune_rmsnorm_qkv.py --out out/tune.json
     python benchmarks/tune_rmsnorm_qkv.py --op gate_up --ms 1,16 --out out/tune_gate_up.json
     python benchmarks/tune_rmsnorm_qkv.py --op linear --ms 1 --out out/tune_linear.json
+    python benchmarks/tune_rmsnorm_qkv.py --prefill tma --ms 2048,16384 --out out/tune_tma.json
+
+Past 64 tokens the QKV op's sweep times the prefill kernel that --prefill names: the fused
+tl.dot GEMM (gemm_config) or the persistent TMA one (tma_config), over the same tile grid.
 
 The gate_up op has only its one-token kernel (more tokens take the Triton norm and cuBLAS); its
 rows per program count output columns, each streaming one row of W_gate and one of W_up.
@@ -36,6 +40,8 @@ from hf_fused.ops.rmsnorm_qkv import (  # noqa: E402
     gemm_config,
     launch_decode,
     launch_gemm,
+    launch_tma,
+    tma_config,
 )
 
 
@@ -49,7 +55,12 @@ ONE_TOKEN_GRID = ((8, 512, 4), (8, 1024, 4), (8, 1024, 8), (16, 512, 4), (16, 51
                   (32, 256, 4), (32, 512, 8))
 
 
-def candidate_configs(M: int, K: int, accumulators: int = 1) -> list:
+# The TMA kernel's tiles wait in shared memory, num_stages of them (up to 227 KB an SM on Hopper),
+# and its fp32 accumulator sits in registers: at most 128 of them a thread.
+TMA_SHARED_BYTES = 200 * 1024
+
+
+def candidate_configs(M: int, K: int, accumulators: int = 1, prefill: str = "fused") -> list:
     if M <= DECODE_MAX_M:
         wide_norm = max(128, min(1 << (K - 1).bit_length(), 4096))
         if M == 1:  # CUDA cores, hand double-buffered: num_stages has no pipelined loop to act on
@@ -61,6 +72,10 @@ def candidate_configs(M: int, K: int, accumulators: int = 1) -> list:
         block_m = max(16, 1 << (M - 1).bit_length())
         grid = itertools.product([128, 256], [4, 8], [4], [16, 32, 64, None], [128, 512])
         return [DecodeConfig(block_m, bk, nbk, w, s, r) for bk, w, s, r, nbk in grid if block_m * nbk <= MAX_TILE]
+    if prefill == "tma":
+        grid = itertools.product([64, 128], [128, 256], [64, 128], [4, 8], [3, 4])
+        return [GemmConfig(bm, bn, bk, w, s) for bm, bn, bk, w, s in grid
+                if s * (bm + bn) * bk * 2 <= TMA_SHARED_BYTES and bm * bn <= 128 * 32 * w]
     grid = itertools.product([64, 128], [64, 128, 256], [32, 64, 128], [4, 8], [3, 4])
     return [GemmConfig(bm, bn, bk, w, s) for bm, bn, bk, w, s in grid if bm * bk + bn * bk <= 256 * 64]
 
@@ -93,6 +108,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--op", choices=["qkv", "gate_up", "linear"], default="qkv")
     parser.add_argument("--ms", default="1,16,256,2048,16384")
+    parser.add_argument("--prefill", choices=["fused", "tma"], default="fused",
+                        help="the QKV prefill kernel swept past 64 tokens")
     parser.add_argument("--shapes", default=None, help="comma list; default every shape of the op's benchmark")
     parser.add_argument("--out", default="out/tune_rmsnorm_qkv.json")
     args = parser.parse_args()
@@ -118,12 +135,13 @@ def main() -> None:
                     continue
                 default, launch = gate_up_launchers(M, N, K)
             else:
-                default = decode_config(M, N, K, torch.device("cuda")) if decode else gemm_config(M, N, K)
-                launch = launch_decode if decode else launch_gemm
+                prefill_config, prefill_launch = {"fused": (gemm_config, launch_gemm), "tma": (tma_config, launch_tma)}[args.prefill]
+                default = decode_config(M, N, K, torch.device("cuda")) if decode else prefill_config(M, N, K)
+                launch = launch_decode if decode else prefill_launch
             if args.op != "linear":
                 # Each gate_up output row streams two weight rows, into two accumulators; it has
                 # only the one-token kernel.
-                candidates = candidate_configs(M, K, 1 if args.op == "qkv" else 2)
+                candidates = candidate_configs(M, K, 1 if args.op == "qkv" else 2, args.prefill)
             x = torch.randn(M, K, device="cuda", dtype=dtype)
             y = torch.empty(M, N // 2 if args.op == "gate_up" else N, device="cuda", dtype=dtype)
             timings = []
@@ -139,7 +157,8 @@ def main() -> None:
             default_us = next((us for us, c in timings if c == default), float("nan"))  # nan: failed to compile
             best_us, best = timings[0]
             print(f"{args.op} {name:14s} M={M:6d} heuristic {default_us:8.2f} us  best {best_us:8.2f} us  {best}", flush=True)
-            results.append({"op": args.op, "shape": name, "M": M, "K": K, "N": N, "heuristic_us": default_us,
+            results.append({"op": args.op, "prefill": None if decode else args.prefill, "shape": name,
+                            "M": M, "K": K, "N": N, "heuristic_us": default_us,
                             "top": [{"us": us, **vars(c)} for us, c in timings[:8]]})
             del x, y
         del weights

@@ -84,6 +84,41 @@ def test_prefill_paths(prefill, dtype, norm_style):
     assert_close_to_reference(y, x, norm_weight, qkv_weight, bias, norm_style)
 
 
+@pytest.mark.parametrize("norm_style", ["llama", "gemma"])
+def test_tma_prefill_runs_its_kernel(monkeypatch, norm_style):
+    # More row and column tiles than the interpreter's three programs, with partial last tiles
+    # in M, N and K: the persistent loop and TMA's zero padding both count.
+    x, norm_weight, qkv_weight, bias = make_inputs(130, 80, 264, torch.bfloat16, bias=True)
+    assert op_module.tma_applies(x, qkv_weight)
+    launched, launch_tma = [], op_module.launch_tma
+
+    def spy(*args):
+        launched.append(args)
+        launch_tma(*args)
+
+    monkeypatch.setattr(op_module, "launch_tma", spy)
+    y = op_module.rmsnorm_qkv_2d(x, norm_weight, qkv_weight, bias, EPS, norm_style == "gemma", prefill="tma")
+    assert len(launched) == 1
+    assert_close_to_reference(y, x, norm_weight, qkv_weight, bias, norm_style)
+
+TMA_REFUSALS = [
+    ("fp16 (x * w can overflow)", dict(dtype=torch.float16)),
+    ("fp32", dict(dtype=torch.float32)),
+    ("N not a multiple of 8", dict(N=100)),
+    ("x rows not 16-byte aligned", dict(K=84)),
+]
+
+
+@pytest.mark.parametrize("case, override", TMA_REFUSALS, ids=[c[0] for c in TMA_REFUSALS])
+def test_tma_prefill_falls_back_to_split(monkeypatch, case, override):
+    shape = dict(K=80, N=208, dtype=torch.bfloat16) | override
+    x, norm_weight, qkv_weight, _ = make_inputs(100, shape["K"], shape["N"], shape["dtype"])
+    assert not op_module.tma_applies(x, qkv_weight)
+    monkeypatch.setattr(op_module, "launch_tma", lambda *args: pytest.fail("launched the TMA kernel"))
+    y = op_module.rmsnorm_qkv_2d(x, norm_weight, qkv_weight, None, EPS, False, prefill="tma")
+    assert_close_to_reference(y, x, norm_weight, qkv_weight, None, "llama")
+
+
 @pytest.mark.parametrize("M", [1, 100])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_bias(M, dtype):

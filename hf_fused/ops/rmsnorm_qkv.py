@@ -15,6 +15,8 @@ Paths, chosen by M:
   Cost is reading W once, so every SM gets an equal share of W's rows and keeps its loads in
   flight; the few token rows ride along in registers.
 - prefill, "fused": a tiled tl.dot GEMM with grouped program order for L2 reuse.
+- prefill, "tma" (bf16 on Hopper and later): a persistent tl.dot GEMM fed by TMA tensor
+  descriptors, with the norm's reduction carried along its K loop (see _rmsnorm_qkv_tma_kernel).
 - prefill, "split" (default, see DEFAULT_PREFILL): a Triton norm pass, then cuBLAS.
 """
 
@@ -28,6 +30,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from hf_fused.ops._autograd import register_reference_backward
 from hf_fused.ops._common import (
@@ -38,6 +41,7 @@ from hf_fused.ops._common import (
     _normalized_tile,
     _round_to,
     _row_rstd,
+    _sm_count,
     _weight_tile,
     cached_launch,
     check_inputs,
@@ -48,12 +52,14 @@ from hf_fused.ops._common import (
     rmsnorm_ref,
     runs_triton,
     signature,
+    triton_interpreter_enabled,
 )
 
 DECODE_MAX_M = 64
-PREFILL_PATHS = ("split", "fused")
-# Measured on an H100 (docs/bench_rmsnorm_qkv.md): the fused tl.dot GEMM trails cuBLAS at prefill
-# sizes, so by default prefill normalizes in one Triton pass and multiplies with cuBLAS.
+PREFILL_PATHS = ("split", "fused", "tma")
+# Measured on an H100 and an H200 (docs/bench_rmsnorm_qkv.md, docs/h200/session2/): the fused
+# tl.dot GEMM trails cuBLAS at prefill sizes, so by default prefill normalizes in one Triton pass
+# and multiplies with cuBLAS. The "tma" kernel has not yet been timed on a GPU.
 DEFAULT_PREFILL = "split"
 
 
@@ -142,6 +148,35 @@ def gemm_config(M: int, N: int, K: int) -> GemmConfig:
     return GemmConfig(64, 256, 32, num_warps=8, num_stages=3)
 
 
+def tma_config(M: int, N: int, K: int) -> GemmConfig:
+    """Starting point for the TMA GEMM kernel, not yet tuned on a GPU (``benchmarks/tune_rmsnorm_qkv.py
+    --prefill tma`` sweeps it): the tiles of Triton's Hopper matmuls, smaller where M gives too
+    few large tiles to fill the SMs."""
+    if M <= 512:
+        return GemmConfig(64, 128, 64, num_warps=4, num_stages=4)
+    return GemmConfig(128, 256, 64, num_warps=8, num_stages=3)
+
+
+def tma_applies(x: Tensor, qkv_weight: Tensor) -> bool:
+    """Whether the TMA GEMM takes x (M, K) and qkv_weight (N, K).
+
+    bf16 only: the kernel multiplies x by the norm weight before it knows 1/rms, and in fp16 that
+    product of an unnormalized activation can overflow; fp32 would need IEEE dots, which the split
+    path's cuBLAS does better. TMA needs rows whose starts (and y's) are 16-byte aligned, and
+    compute capability 9.0 or later (the interpreter emulates it).
+    """
+    if x.dtype != torch.bfloat16 or x.stride(-1) != 1 or qkv_weight.stride(-1) != 1:
+        return False
+    if not (x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9) and not (
+        x.device.type == "cpu" and triton_interpreter_enabled()
+    ):
+        return False
+    # Storage offsets stand in for the pointers, which traced (fake) tensors lack: allocations
+    # themselves are aligned far beyond 16 bytes.
+    strides = (x.stride(0), qkv_weight.stride(0), x.storage_offset(), qkv_weight.storage_offset(), qkv_weight.shape[0])
+    return all(s % 8 == 0 for s in strides)  # in elements of 2 bytes
+
+
 @triton.jit
 def _rmsnorm_qkv_decode_kernel(
     x_ptr, norm_w_ptr, w_ptr, b_ptr, y_ptr,
@@ -226,6 +261,49 @@ def _rmsnorm_qkv_gemm_kernel(
     tl.store(y_ptrs, _round_to(acc, y_ptr.dtype.element_ty, INTERPRETED), mask=y_mask)
 
 
+@triton.jit
+def _rmsnorm_qkv_tma_kernel(
+    x_desc, norm_w_ptr, w_desc, b_ptr, y_desc,
+    M, N, K, num_programs,
+    eps: tl.constexpr,
+    HAS_BIAS: tl.constexpr, GEMMA: tl.constexpr, INTERPRETED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # Persistent: num_programs programs (one per SM) walk the output tiles in the grouped order of
+    # _rmsnorm_qkv_gemm_kernel, so no tail wave of launches and W tiles stay in L2 for the next
+    # row-block. TMA brings the x and W tiles into shared memory, zero past M, N and K.
+    #
+    # The norm needs 1/rms of a row before any of its normalized values, and a pre-pass over the
+    # rows would read x twice. Instead the loop feeds tl.dot with x * w (the norm weight, rounded
+    # to bf16 as a normalized value is), sums the squares of the same x tiles, and scales the fp32
+    # accumulator by 1/rms in the epilogue: y = rstd * ((x * w) @ W.T). One rounding of the
+    # operand where transformers rounds twice (x * rstd, then w * that), so no larger error.
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    group_size = GROUP_M * num_pid_n
+    dtype: tl.constexpr = y_desc.dtype
+    for tile in range(tl.program_id(0), num_pid_m * num_pid_n, num_programs):
+        first_pid_m = (tile // group_size) * GROUP_M
+        group_m = min(num_pid_m - first_pid_m, GROUP_M)
+        off_m = (first_pid_m + (tile % group_size) % group_m) * BLOCK_M
+        off_n = ((tile % group_size) // group_m) * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        sum_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            x = x_desc.load([off_m, k0]).to(tl.float32)
+            sum_sq += tl.sum(x * x, axis=1)
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            w = tl.load(norm_w_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+            scale = 1.0 + w if GEMMA else w
+            a = _round_to(x * scale[None, :], dtype, INTERPRETED)
+            acc = _dot(a, tl.trans(w_desc.load([off_n, k0])), acc, INTERPRETED, False)
+        acc = acc * tl.math.rsqrt(sum_sq / K + eps)[:, None]
+        if HAS_BIAS:
+            offs_n = off_n + tl.arange(0, BLOCK_N)
+            acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        y_desc.store([off_m, off_n], _round_to(acc, dtype, INTERPRETED))
+
+
 def decode_launch(
     x, norm_weight, qkv_weight, bias, y, eps: float, gemma: bool, config: DecodeConfig | None = None
 ) -> tuple[tuple[int], tuple, dict]:
@@ -266,18 +344,39 @@ def launch_gemm(x, norm_weight, qkv_weight, bias, y, eps: float, gemma: bool, co
     )
 
 
+def launch_tma(x, norm_weight, qkv_weight, bias, y, eps: float, gemma: bool, config: GemmConfig | None = None):
+    """The persistent TMA GEMM: x (M, K), qkv_weight (N, K), y (M, N) contiguous; tma_applies(x, qkv_weight)."""
+    M, K = x.shape
+    N = qkv_weight.shape[0]
+    config = config or tma_config(M, N, K)
+    programs = min(triton.cdiv(M, config.BLOCK_M) * triton.cdiv(N, config.BLOCK_N), _sm_count(x.device))
+    wrap_triton(_rmsnorm_qkv_tma_kernel)[(programs,)](
+        TensorDescriptor.from_tensor(x, [config.BLOCK_M, config.BLOCK_K]), norm_weight,
+        TensorDescriptor.from_tensor(qkv_weight, [config.BLOCK_N, config.BLOCK_K]), bias if bias is not None else y,
+        TensorDescriptor.from_tensor(y, [config.BLOCK_M, config.BLOCK_N]),
+        M, N, K, programs, eps,
+        HAS_BIAS=bias is not None, **_kernel_flags(gemma, config),
+    )
+
+
 def rmsnorm_qkv_2d(
     x: Tensor, norm_weight: Tensor, qkv_weight: Tensor, bias: Tensor | None, eps: float, gemma: bool,
     prefill: str = DEFAULT_PREFILL,
 ) -> Tensor:
-    """Dispatch by token count: x (M, K) -> (M, N). ``prefill`` picks the path for M > DECODE_MAX_M."""
+    """Dispatch by token count: x (M, K) -> (M, N). ``prefill`` picks the path for M > DECODE_MAX_M;
+    "tma" where tma_applies, else "split"."""
     M, K = x.shape
     N = qkv_weight.shape[0]
     streams = streams_weights(M, x.dtype)
-    if M == 0 or streams or (prefill == "fused" and M > DECODE_MAX_M):
+    prefill_kernel = None
+    if M > DECODE_MAX_M and prefill == "fused":
+        prefill_kernel = launch_gemm
+    elif M > DECODE_MAX_M and prefill == "tma" and tma_applies(x, qkv_weight):
+        prefill_kernel = launch_tma
+    if M == 0 or streams or prefill_kernel is not None:
         y = x.new_empty((M, N))
         if M > 0:
-            (launch_decode if streams else launch_gemm)(x, norm_weight, qkv_weight, bias, y, eps, gemma)
+            (launch_decode if streams else prefill_kernel)(x, norm_weight, qkv_weight, bias, y, eps, gemma)
         return y
     normed = x.new_empty((M, K))
     launch_norm(x, norm_weight, normed, eps, gemma)
