@@ -274,10 +274,10 @@ def _rmsnorm_qkv_tma_kernel(
     # row-block. TMA brings the x and W tiles into shared memory, zero past M, N and K.
     #
     # The norm needs 1/rms of a row before any of its normalized values, and a pre-pass over the
-    # rows would read x twice. Instead the loop feeds tl.dot with x * w (the norm weight, rounded
-    # to bf16 as a normalized value is), sums the squares of the same x tiles, and scales the fp32
-    # accumulator by 1/rms in the epilogue: y = rstd * ((x * w) @ W.T). One rounding of the
-    # operand where transformers rounds twice (x * rstd, then w * that), so no larger error.
+    # rows would read x twice. Instead the loop feeds tl.dot with bf16(x * w), w the norm weight,
+    # sums the squares of the same x tiles, and scales the fp32 accumulator by 1/rms in the
+    # epilogue: y = rstd * (bf16(x * w) @ W.T). The operand is rounded once where transformers
+    # rounds twice (x * rstd, then w times that), so the error is no larger.
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     group_size = GROUP_M * num_pid_n
