@@ -94,8 +94,9 @@ ops)
     done
     ;;
 ops-prefill)
-    step 120 tests_prefill.txt python3 -m pytest -q -p no:cacheprovider tests/test_ops.py -k "prefill or tma or real_sizes"
-    step 280 bench_rmsnorm_qkv_prefill.txt python3 benchmarks/bench_rmsnorm_qkv.py --ms 256,2048,16384 --out "$out"
+    step 180 tests_prefill.txt python3 -m pytest -q -p no:cacheprovider tests/test_ops.py -k "prefill or tma or real_sizes"
+    step 280 bench_rmsnorm_qkv_prefill.txt python3 benchmarks/bench_rmsnorm_qkv.py --shapes llama3-8b,llama3-70b \
+        --ms 256,2048,16384 --out "$out"
     step 100 bench_decode_attention.txt python3 benchmarks/bench_decode_attention.py --out "$out"
     ;;
 static)
