@@ -225,6 +225,17 @@ def _rmsnorm_qkv_decode_kernel(
 
 
 @triton.jit
+def _grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """(row-block, column-block) of output tile number ``tile`` in grouped order: GROUP_M
+    row-blocks sweep all column-blocks together, so a W tile is still in L2 when the next
+    row-block needs it."""
+    group_size = GROUP_M * num_pid_n
+    first_pid_m = (tile // group_size) * GROUP_M
+    group_m = min(num_pid_m - first_pid_m, GROUP_M)
+    return first_pid_m + (tile % group_size) % group_m, (tile % group_size) // group_m
+
+
+@triton.jit
 def _rmsnorm_qkv_gemm_kernel(
     x_ptr, norm_w_ptr, w_ptr, b_ptr, y_ptr,
     M, N, K,
@@ -233,17 +244,7 @@ def _rmsnorm_qkv_gemm_kernel(
     HAS_BIAS: tl.constexpr, GEMMA: tl.constexpr, INTERPRETED: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    # Grouped order: GROUP_M row-blocks sweep all column-blocks together, so a W tile is
-    # still in L2 when the next row-block needs it.
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    group_size = GROUP_M * num_pid_n
-    first_pid_m = (pid // group_size) * GROUP_M
-    group_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + (pid % group_size) % group_m
-    pid_n = (pid % group_size) // group_m
-
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rstd = _row_rstd(x_ptr, offs_m, M, K, stride_xm, stride_xk, eps, BLOCK_M, BLOCK_K)
@@ -269,9 +270,9 @@ def _rmsnorm_qkv_tma_kernel(
     HAS_BIAS: tl.constexpr, GEMMA: tl.constexpr, INTERPRETED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    # Persistent: num_programs programs (one per SM) walk the output tiles in the grouped order of
-    # _rmsnorm_qkv_gemm_kernel, so no tail wave of launches and W tiles stay in L2 for the next
-    # row-block. TMA brings the x and W tiles into shared memory, zero past M, N and K.
+    # Persistent: num_programs programs (one per SM) walk the output tiles in grouped order, so
+    # there is no tail wave of launches and W tiles stay in L2 for the next row-block. TMA brings
+    # the x and W tiles into shared memory, zero past M, N and K.
     #
     # The norm needs 1/rms of a row before any of its normalized values, and a pre-pass over the
     # rows would read x twice. Instead the loop feeds tl.dot with bf16(x * w), w the norm weight,
@@ -280,13 +281,11 @@ def _rmsnorm_qkv_tma_kernel(
     # rounds twice (x * rstd, then w times that), so the error is no larger.
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
-    group_size = GROUP_M * num_pid_n
     dtype: tl.constexpr = y_desc.dtype
     for tile in range(tl.program_id(0), num_pid_m * num_pid_n, num_programs):
-        first_pid_m = (tile // group_size) * GROUP_M
-        group_m = min(num_pid_m - first_pid_m, GROUP_M)
-        off_m = (first_pid_m + (tile % group_size) % group_m) * BLOCK_M
-        off_n = ((tile % group_size) // group_m) * BLOCK_N
+        pid_m, pid_n = _grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         sum_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
