@@ -13,7 +13,7 @@
 #   bash benchmarks/gpu_session.sh tps-smollm2 # the same for SmolLM2-135M's shape at batch 1; then sampling in the 8B fast loop
 #   bash benchmarks/gpu_session.sh ops         # the three weight ops against their peers at M = 1, 4, 16, every shape
 #   bash benchmarks/gpu_session.sh ops-prefill # the QKV op at prefill sizes (the TMA kernel's GPU tests first);
-#                                              # the decode attention
+#                                              # the TMA kernel's config sweep at M = 2048
 #   bash benchmarks/gpu_session.sh tune-tma    # the TMA prefill kernel's config sweep, 8B and 70B, M = 2048, 16384
 #   bash benchmarks/gpu_session.sh static      # static-cache generate profiled (SmolLM2), with Inductor's code
 #   bash benchmarks/gpu_session.sh tune        # the QKV kernel's config sweep at M = 16
@@ -94,10 +94,12 @@ ops)
     done
     ;;
 ops-prefill)
-    step 180 tests_prefill.txt python3 -m pytest -q -p no:cacheprovider tests/test_ops.py -k "prefill or tma or real_sizes"
-    step 280 bench_rmsnorm_qkv_prefill.txt python3 benchmarks/bench_rmsnorm_qkv.py --shapes llama3-8b,llama3-70b \
+    step 150 tests_prefill.txt python3 -m pytest -q -p no:cacheprovider tests/test_ops.py -k "tma or real_sizes"
+    step 250 bench_rmsnorm_qkv_prefill.txt python3 benchmarks/bench_rmsnorm_qkv.py --shapes llama3-8b,llama3-70b \
         --ms 256,2048,16384 --out "$out"
-    step 100 bench_decode_attention.txt python3 benchmarks/bench_decode_attention.py --out "$out"
+    # The TMA kernel's configs at the smaller prefill size, each beside cuBLAS; tune-tma has both sizes.
+    step 180 tune_tma_m2048.txt python3 benchmarks/tune_rmsnorm_qkv.py --prefill tma --ms 2048 \
+        --shapes llama3-8b,llama3-70b --out "$out/tune_tma_m2048.json"
     ;;
 static)
     # SmolLM2's shape compiles in seconds and shows the same patched slowdown as the 8B shape.

@@ -25,6 +25,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_rmsnorm_gate_up  # noqa: E402
@@ -154,12 +155,19 @@ def main() -> None:
                     print(f"  skip {config}: {type(error).__name__}", file=sys.stderr)
                     continue
                 timings.append((us, config))
+                print(f"    {us:9.2f} us  {config}", flush=True)
+            # The prefill target is cuBLAS on the same weight with no norm, timed the same way.
+            cublas_us = None
+            if args.op == "qkv" and not decode:
+                cublas_us = time_graph([(lambda w=w, x=x: F.linear(x, w)) for w in weights], replays=5)
             timings.sort(key=lambda t: t[0])
             default_us = next((us for us, c in timings if c == default), float("nan"))  # nan: failed to compile
             best_us, best = timings[0]
-            print(f"{args.op} {name:14s} M={M:6d} heuristic {default_us:8.2f} us  best {best_us:8.2f} us  {best}", flush=True)
+            versus = "" if cublas_us is None else f"  cuBLAS, no norm {cublas_us:8.2f} us"
+            print(f"{args.op} {name:14s} M={M:6d} heuristic {default_us:8.2f} us  best {best_us:8.2f} us  {best}{versus}",
+                  flush=True)
             results.append({"op": args.op, "prefill": None if decode else args.prefill, "shape": name,
-                            "M": M, "K": K, "N": N, "heuristic_us": default_us,
+                            "M": M, "K": K, "N": N, "heuristic_us": default_us, "cublas_us": cublas_us,
                             "top": [{"us": us, **vars(c)} for us, c in timings[:8]]})
             del x, y
         del weights
