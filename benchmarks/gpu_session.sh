@@ -15,6 +15,7 @@
 #   bash benchmarks/gpu_session.sh ops-prefill # the QKV op at prefill sizes (the TMA kernel's GPU tests first);
 #                                              # the TMA kernel's config sweep at M = 2048
 #   bash benchmarks/gpu_session.sh tune-tma    # the TMA prefill kernel's config sweep, 8B and 70B, M = 2048, 16384
+#   bash benchmarks/gpu_session.sh ablate-tma  # the TMA kernel with the norm's work switched on piece by piece, beside cuBLAS
 #   bash benchmarks/gpu_session.sh static      # static-cache generate profiled (SmolLM2), with Inductor's code
 #   bash benchmarks/gpu_session.sh tune        # the QKV kernel's config sweep at M = 16
 #   bash benchmarks/gpu_session.sh ncu         # Nsight Compute on the 8B one-token QKV kernel
@@ -118,13 +119,16 @@ tune-tma)
     step 500 tune_tma.txt python3 benchmarks/tune_rmsnorm_qkv.py --prefill tma --ms 2048,16384 \
         --shapes llama3-8b,llama3-70b --out "$out/tune_tma.json"
     ;;
+ablate-tma)
+    step 130 ablate_tma.txt python3 benchmarks/ablate_tma_prefill.py --shapes llama3-8b --ms 2048,16384 --out "$out"
+    ;;
 ncu)
     step 120 ncu_qkv_8b.txt ncu --clock-control none -k regex:rmsnorm_qkv --launch-skip 3 --launch-count 1 \
         --section SpeedOfLight --section MemoryWorkloadAnalysis --section LaunchStats --section Occupancy \
         --section WarpStateStats --section SchedulerStats python3 benchmarks/ncu_target.py --op rmsnorm_qkv --m 1
     ;;
 *)
-    echo "usage: bash benchmarks/gpu_session.sh rope|tests|compiled|profile|tps8b|tps8b-b4|tps-smollm2|ops|ops-prefill|static|tune|tune-tma|ncu" >&2
+    echo "usage: bash benchmarks/gpu_session.sh rope|tests|compiled|profile|tps8b|tps8b-b4|tps-smollm2|ops|ops-prefill|static|tune|tune-tma|ablate-tma|ncu" >&2
     exit 2
     ;;
 esac
