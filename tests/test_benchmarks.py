@@ -130,3 +130,22 @@ def test_profile_splits_layers_and_names_their_kernels():
     assert profile_decode.label_layer(batched, ("qkv", "gemv")) == [
         "norm+qkv (hf_fused)", "attention", "o_proj", "o_proj (split-K reduce)", "other", "gate_proj", "up_proj",
         "other", "down_proj"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp32 dots on a GPU round through tf32; the interpreter's are exact")
+@pytest.mark.parametrize("variant", ["plain", "scale", "sum_sq", "both"])
+def test_tma_ablation_variants_compute_what_they_name(variant):
+    """Each variant of benchmarks/ablate_tma_prefill.py, over partial tiles and more tiles than
+    programs, against its formula in fp64."""
+    import ablate_tma_prefill as ablate
+    from hf_fused.ops.rmsnorm_qkv import GemmConfig
+
+    x, norm_weight, weight = inputs(torch.float32, M=40, K=96, N=80)
+    y = torch.empty(40, 80)
+    scale, sum_sq = ablate.VARIANTS[variant]
+    ablate.launch_variant(x, norm_weight, weight, y, GemmConfig(16, 32, 32, num_warps=4, num_stages=2), scale, sum_sq)
+    a = x.double() * norm_weight.double() if scale else x.double()
+    expected = a @ weight.double().T
+    if sum_sq:
+        expected = expected * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-5)
+    torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)

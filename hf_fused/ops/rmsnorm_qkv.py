@@ -57,9 +57,10 @@ from hf_fused.ops._common import (
 
 DECODE_MAX_M = 64
 PREFILL_PATHS = ("split", "fused", "tma")
-# Measured on an H100 and an H200 (docs/bench_rmsnorm_qkv.md, docs/h200/session2/): the fused
-# tl.dot GEMM trails cuBLAS at prefill sizes, so by default prefill normalizes in one Triton pass
-# and multiplies with cuBLAS. The "tma" kernel has not yet been timed on a GPU.
+# Measured on an H100 and an H200 (docs/bench_rmsnorm_qkv.md, docs/h200/session2/,
+# docs/h100/2026-12-06-b/): both fused kernels trail cuBLAS at prefill sizes ("tma" at 0.73-0.82x
+# on an H100, "fused" at under 0.4x), so by default prefill normalizes in one Triton pass and
+# multiplies with cuBLAS, which measured 0.93-1.05x of cuBLAS alone at M >= 2048.
 DEFAULT_PREFILL = "split"
 
 
@@ -149,9 +150,9 @@ def gemm_config(M: int, N: int, K: int) -> GemmConfig:
 
 
 def tma_config(M: int, N: int, K: int) -> GemmConfig:
-    """Starting point for the TMA GEMM kernel, not yet tuned on a GPU (``benchmarks/tune_rmsnorm_qkv.py
-    --prefill tma`` sweeps it): the tiles of Triton's Hopper matmuls, smaller where M gives too
-    few large tiles to fill the SMs."""
+    """Tiles of the TMA GEMM kernel: those of Triton's Hopper matmuls, smaller where M gives too
+    few large tiles to fill the SMs. At M = 2048 on an H100 the large tiles were the best of
+    ``benchmarks/tune_rmsnorm_qkv.py --prefill tma``'s 17 (docs/h100/2026-12-06-b/)."""
     if M <= 512:
         return GemmConfig(64, 128, 64, num_warps=4, num_stages=4)
     return GemmConfig(128, 256, 64, num_warps=8, num_stages=3)
