@@ -10,6 +10,7 @@
 #   bash benchmarks/gpu_session.sh profile     # the 8B fast-loop step profiled with and without the decode attention; host time
 #   bash benchmarks/gpu_session.sh tps8b       # tokens/s, 8B shape, batch 1, three modes; the module fusions alone, Liger
 #   bash benchmarks/gpu_session.sh tps8b-b4    # the same at batch 4, without Liger
+#   bash benchmarks/gpu_session.sh eager-order # eager 8B generate, every fusion and the module fusions each in its own process, twice
 #   bash benchmarks/gpu_session.sh tps-smollm2 # the same for SmolLM2-135M's shape at batch 1; then sampling in the 8B fast loop
 #   bash benchmarks/gpu_session.sh ops         # the three weight ops against their peers at M = 1, 4, 16, every shape
 #   bash benchmarks/gpu_session.sh ops-prefill # the QKV op at prefill sizes (the TMA kernel's GPU tests first);
@@ -88,6 +89,17 @@ tps8b | tps8b-b4 | tps-smollm2)
         ;;
     esac
     ;;
+eager-order)
+    # Eager 8B generate with every fusion and with the module fusions, each in a process of its own
+    # (with its own unpatched baseline), then each again: in one process the set measured second
+    # came out faster both times it was tried.
+    eager=(python3 examples/compare_tps.py --shape llama3-8b --modes eager --batch-sizes 1 --new-tokens 64
+        --repeats 3 --peers none --out "$out")
+    for round in 1 2; do
+        step 120 "tps_8b_eager_every_$round.txt" "${eager[@]}" --fuse qkv,mlp,gemv,attention,residual,rope
+        step 120 "tps_8b_eager_modules_$round.txt" "${eager[@]}" --fuse qkv,mlp,gemv
+    done
+    ;;
 ops)
     # Decode sizes, every shape: the targets are at M = 1, 4 and 16.
     for op in rmsnorm_qkv rmsnorm_gate_up streaming_linear; do
@@ -128,7 +140,7 @@ ncu)
         --section WarpStateStats --section SchedulerStats python3 benchmarks/ncu_target.py --op rmsnorm_qkv --m 1
     ;;
 *)
-    echo "usage: bash benchmarks/gpu_session.sh rope|tests|compiled|profile|tps8b|tps8b-b4|tps-smollm2|ops|ops-prefill|static|tune|tune-tma|ablate-tma|ncu" >&2
+    echo "usage: bash benchmarks/gpu_session.sh rope|tests|compiled|profile|tps8b|tps8b-b4|eager-order|tps-smollm2|ops|ops-prefill|static|tune|tune-tma|ablate-tma|ncu" >&2
     exit 2
     ;;
 esac
