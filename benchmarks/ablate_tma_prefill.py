@@ -9,6 +9,8 @@ Variants (every one reads x and W through TMA descriptors, persistent, grouped t
 - sum_sq: y = rstd * (x @ W.T), the squares of each x tile summed beside the dot.
 - both:   the two together, which is what hf_fused's kernel (_rmsnorm_qkv_tma_kernel) does;
           that kernel itself is timed too, through launch_tma.
+- both_lanes: both, with the squares added up per lane in a (BLOCK_M, BLOCK_K) accumulator and
+          reduced across lanes once after the K loop, instead of every K step.
 The gaps between the rows say what the fused norm costs on top of Triton's GEMM, and the gap
 between plain and cuBLAS what Triton's GEMM costs on top of cuBLAS's. Registers and spills per
 thread come from the compiled kernels.
@@ -34,7 +36,9 @@ from timing import copies_for, environment, time_graph  # noqa: E402
 from hf_fused.ops._common import _sm_count  # noqa: E402
 from hf_fused.ops.rmsnorm_qkv import GemmConfig, _grouped_tile, launch_tma, tma_config  # noqa: E402
 
-VARIANTS = {"plain": (False, False), "scale": (True, False), "sum_sq": (False, True), "both": (True, True)}
+# variant: (scale by the norm weight, sum the squares, sum them per lane)
+VARIANTS = {"plain": (False, False, False), "scale": (True, False, False), "sum_sq": (False, True, False),
+            "both": (True, True, False), "both_lanes": (True, True, True)}
 # The heuristic's tiles, and the same with a shallower K step and a deeper pipeline: half the x
 # tile in registers per step, for a kernel that may be short of registers.
 EXTRA_CONFIGS = (GemmConfig(128, 256, 32, num_warps=8, num_stages=5), GemmConfig(128, 128, 64, num_warps=8, num_stages=4))
@@ -43,7 +47,7 @@ EXTRA_CONFIGS = (GemmConfig(128, 256, 32, num_warps=8, num_stages=5), GemmConfig
 @triton.jit
 def _ablation_kernel(
     x_desc, norm_w_ptr, w_desc, y_desc, M, N, K, num_programs,
-    eps: tl.constexpr, SCALE: tl.constexpr, SUM_SQ: tl.constexpr,
+    eps: tl.constexpr, SCALE: tl.constexpr, SUM_SQ: tl.constexpr, LANE_SUMS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -52,22 +56,28 @@ def _ablation_kernel(
         pid_m, pid_n = _grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         sum_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        lane_sq = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             a = x_desc.load([pid_m * BLOCK_M, k0])
             if SUM_SQ:
                 xf = a.to(tl.float32)
-                sum_sq += tl.sum(xf * xf, axis=1)
+                if LANE_SUMS:
+                    lane_sq += xf * xf
+                else:
+                    sum_sq += tl.sum(xf * xf, axis=1)
             if SCALE:
                 offs_k = k0 + tl.arange(0, BLOCK_K)
                 w = tl.load(norm_w_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
                 a = (a.to(tl.float32) * w[None, :]).to(a.dtype)
             acc = tl.dot(a, tl.trans(w_desc.load([pid_n * BLOCK_N, k0])), acc)
         if SUM_SQ:
+            if LANE_SUMS:
+                sum_sq = tl.sum(lane_sq, axis=1)
             acc = acc * tl.math.rsqrt(sum_sq / K + eps)[:, None]
         y_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(y_desc.dtype))
 
 
-def launch_variant(x, norm_weight, weight, y, config: GemmConfig, scale: bool, sum_sq: bool):
+def launch_variant(x, norm_weight, weight, y, config: GemmConfig, scale: bool, sum_sq: bool, lane_sums: bool):
     M, K = x.shape
     N = weight.shape[0]
     programs = min(triton.cdiv(M, config.BLOCK_M) * triton.cdiv(N, config.BLOCK_N), _sm_count(x.device))
@@ -75,7 +85,7 @@ def launch_variant(x, norm_weight, weight, y, config: GemmConfig, scale: bool, s
         TensorDescriptor.from_tensor(x, [config.BLOCK_M, config.BLOCK_K]), norm_weight,
         TensorDescriptor.from_tensor(weight, [config.BLOCK_N, config.BLOCK_K]),
         TensorDescriptor.from_tensor(y, [config.BLOCK_M, config.BLOCK_N]),
-        M, N, K, programs, 1e-5, SCALE=scale, SUM_SQ=sum_sq,
+        M, N, K, programs, 1e-5, SCALE=scale, SUM_SQ=sum_sq, LANE_SUMS=lane_sums,
         BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N, BLOCK_K=config.BLOCK_K, GROUP_M=config.GROUP_M,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
@@ -111,16 +121,16 @@ def main() -> None:
             row = {"shape": name, "M": M, "K": K, "N": N, "cublas_us": cublas_us, "library_tma_us": library_us,
                    "variants": []}
             for config in (tma_config(M, N, K), *EXTRA_CONFIGS):
-                for variant, (scale, sum_sq) in VARIANTS.items():
+                for variant, flags in VARIANTS.items():
                     try:
-                        compiled = launch_variant(x, norm_weight, weights[0], y, config, scale, sum_sq)
-                        us = time_graph([(lambda w=w: launch_variant(x, norm_weight, w, y, config, scale, sum_sq))
+                        compiled = launch_variant(x, norm_weight, weights[0], y, config, *flags)
+                        us = time_graph([(lambda w=w: launch_variant(x, norm_weight, w, y, config, *flags))
                                          for w in weights], replays=5)
                     except Exception as error:  # a config past the shared-memory limit fails to compile
                         print(f"  {tiles(config)} {variant}: {type(error).__name__}: {error}", flush=True)
                         continue
                     regs, spills = getattr(compiled, "n_regs", None), getattr(compiled, "n_spills", None)
-                    print(f"  {tiles(config):20s} {variant:7s} {us:8.1f} us  {cublas_us / us:5.2f}x cuBLAS  "
+                    print(f"  {tiles(config):20s} {variant:10s} {us:8.1f} us  {cublas_us / us:5.2f}x cuBLAS  "
                           f"regs {regs} spills {spills}", flush=True)
                     row["variants"].append({"config": vars(config), "variant": variant, "us": us,
                                             "n_regs": regs, "n_spills": spills})

@@ -133,7 +133,7 @@ def test_profile_splits_layers_and_names_their_kernels():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="fp32 dots on a GPU round through tf32; the interpreter's are exact")
-@pytest.mark.parametrize("variant", ["plain", "scale", "sum_sq", "both"])
+@pytest.mark.parametrize("variant", ["plain", "scale", "sum_sq", "both", "both_lanes"])
 def test_tma_ablation_variants_compute_what_they_name(variant):
     """Each variant of benchmarks/ablate_tma_prefill.py, over partial tiles and more tiles than
     programs, against its formula in fp64."""
@@ -142,8 +142,9 @@ def test_tma_ablation_variants_compute_what_they_name(variant):
 
     x, norm_weight, weight = inputs(torch.float32, M=40, K=96, N=80)
     y = torch.empty(40, 80)
-    scale, sum_sq = ablate.VARIANTS[variant]
-    ablate.launch_variant(x, norm_weight, weight, y, GemmConfig(16, 32, 32, num_warps=4, num_stages=2), scale, sum_sq)
+    scale, sum_sq, lane_sums = ablate.VARIANTS[variant]
+    ablate.launch_variant(x, norm_weight, weight, y, GemmConfig(16, 32, 32, num_warps=4, num_stages=2),
+                          scale, sum_sq, lane_sums)
     a = x.double() * norm_weight.double() if scale else x.double()
     expected = a @ weight.double().T
     if sum_sq:
