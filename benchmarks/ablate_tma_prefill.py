@@ -39,8 +39,8 @@ from hf_fused.ops.rmsnorm_qkv import GemmConfig, _grouped_tile, launch_tma, tma_
 # variant: (scale by the norm weight, sum the squares, sum them per lane)
 VARIANTS = {"plain": (False, False, False), "scale": (True, False, False), "sum_sq": (False, True, False),
             "both": (True, True, False), "both_lanes": (True, True, True)}
-# The heuristic's tiles, and the same with a shallower K step and a deeper pipeline: half the x
-# tile in registers per step, for a kernel that may be short of registers.
+# Timed beside the heuristic's tiles: a shallower K step with a deeper pipeline (half the x tile
+# in registers per step, for a kernel that may be short of registers), and a narrower N tile.
 EXTRA_CONFIGS = (GemmConfig(128, 256, 32, num_warps=8, num_stages=5), GemmConfig(128, 128, 64, num_warps=8, num_stages=4))
 
 
