@@ -13,8 +13,6 @@
 #   bash benchmarks/gpu_session.sh eager-order # eager 8B generate, every fusion and the module fusions each in its own process, twice
 #   bash benchmarks/gpu_session.sh tps-smollm2 # the same for SmolLM2-135M's shape at batch 1; then sampling in the 8B fast loop
 #   bash benchmarks/gpu_session.sh ops         # the three weight ops against their peers at M = 1, 4, 16, every shape
-#   bash benchmarks/gpu_session.sh few-tokens  # the few-token streaming kernels: GPU tests, config sweeps beside cuBLAS
-#                                              # at M = 2 and 4, the three ops against their peers at M = 1, 2, 4 (8B)
 #   bash benchmarks/gpu_session.sh ops-prefill # the QKV op at prefill sizes (the TMA kernel's GPU tests first);
 #                                              # the TMA kernel's config sweep at M = 2048
 #   bash benchmarks/gpu_session.sh tune-tma    # the TMA prefill kernel's config sweep, 8B and 70B, M = 2048, 16384
@@ -108,22 +106,6 @@ ops)
         step 170 "bench_$op.txt" python3 "benchmarks/bench_$op.py" --ms 1,4,16 --out "$out"
     done
     ;;
-few-tokens)
-    step 110 tests_few_tokens.txt python3 -m pytest -q -p no:cacheprovider tests/test_ops.py tests/test_ops_gate_up.py \
-        tests/test_ops_streaming_linear.py tests/test_eager_launch.py \
-        -k "real_sizes and not 64 and not 256 and not 2048 and not 300 or few_tokens or one_token or graph or eager"
-    for op in qkv gate_up linear; do
-        shapes=llama3-8b,llama3-70b
-        [ "$op" = linear ] && shapes=llama3-8b/o_proj,llama3-8b/down_proj,llama3-70b/down_proj
-        step 75 "tune_${op}_few.txt" python3 benchmarks/tune_rmsnorm_qkv.py --op "$op" --ms 2,4 --shapes "$shapes" \
-            --out "$out/tune_${op}_few.json"
-    done
-    for op in rmsnorm_qkv rmsnorm_gate_up streaming_linear; do
-        shapes=llama3-8b
-        [ "$op" = streaming_linear ] && shapes=llama3-8b/o_proj,llama3-8b/down_proj
-        step 70 "bench_$op.txt" python3 "benchmarks/bench_$op.py" --ms 1,2,4 --shapes "$shapes" --out "$out"
-    done
-    ;;
 ops-prefill)
     step 150 tests_prefill.txt python3 -m pytest -q -p no:cacheprovider tests/test_ops.py -k "tma or real_sizes"
     step 250 bench_rmsnorm_qkv_prefill.txt python3 benchmarks/bench_rmsnorm_qkv.py --shapes llama3-8b,llama3-70b \
@@ -158,7 +140,7 @@ ncu)
         --section WarpStateStats --section SchedulerStats python3 benchmarks/ncu_target.py --op rmsnorm_qkv --m 1
     ;;
 *)
-    echo "usage: bash benchmarks/gpu_session.sh rope|tests|compiled|profile|tps8b|tps8b-b4|eager-order|tps-smollm2|ops|few-tokens|ops-prefill|static|tune|tune-tma|ablate-tma|ncu" >&2
+    echo "usage: bash benchmarks/gpu_session.sh rope|tests|compiled|profile|tps8b|tps8b-b4|eager-order|tps-smollm2|ops|ops-prefill|static|tune|tune-tma|ablate-tma|ncu" >&2
     exit 2
     ;;
 esac

@@ -104,19 +104,6 @@ def test_leading_dims_and_non_contiguous_x(M):
                                rtol=0, atol=0)
 
 
-def test_few_tokens_stream_the_weights(monkeypatch):
-    """In the registered op, one token streams the weights, as do up to FEW_TOKENS in a 16-bit
-    dtype; more tokens, and more than one in fp32, take the Triton norm and cuBLAS."""
-    streamed = []
-    monkeypatch.setattr(op_module, "launch_decode", lambda x, *args, **kw: streamed.append(tuple(x.shape)))
-    for dtype in (torch.float32, torch.bfloat16):
-        x, norm_weight, gate_up_weight = make_inputs(common.FEW_TOKENS + 1, 64, 48, dtype)
-        for M in range(1, common.FEW_TOKENS + 2):
-            torch.ops.hf_fused.rmsnorm_gate_up(x[:M], norm_weight, gate_up_weight, EPS, False, "silu")
-    few = [(M, 64) for M in range(1, common.FEW_TOKENS + 1)]
-    assert streamed == ([(1, 64), *few] if op_module.runs_triton(x) else [])
-
-
 def test_zero_tokens():
     x, norm_weight, gate_up_weight = make_inputs(1, 64, 48, torch.float32)
     assert rmsnorm_gate_up(x[:0], norm_weight, gate_up_weight, eps=EPS).shape == (0, 48)
@@ -175,7 +162,7 @@ REAL_SHAPES = {"llama3-8b": (4096, 14336), "llama3.2-1b": (2048, 8192), "gemma2-
 
 
 @requires_cuda
-@pytest.mark.parametrize("M", [1, 3, 4, 16, 64, 256, 2048])
+@pytest.mark.parametrize("M", [1, 4, 16, 64, 256, 2048])
 @pytest.mark.parametrize("shape", REAL_SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_real_sizes_on_gpu(shape, M, dtype):
