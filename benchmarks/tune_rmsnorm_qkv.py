@@ -9,9 +9,9 @@
 Past 64 tokens the QKV op's sweep times the prefill kernel that --prefill names: the fused
 tl.dot GEMM (gemm_config) or the persistent TMA one (tma_config), over the same tile grid.
 
-The gate_up and streaming linear ops stream weights for one token and for up to FEW_TOKENS (more
-take cuBLAS); gate_up's rows per program count output columns, each streaming one row of W_gate
-and one of W_up. Every M > 1 is timed beside cuBLAS on the same weight with no norm.
+The gate_up op has only its one-token kernel (more tokens take the Triton norm and cuBLAS); its
+rows per program count output columns, each streaming one row of W_gate and one of W_up.
+The streaming linear op has only its one-token kernel (stream_config).
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ import bench_rmsnorm_qkv  # noqa: E402
 import bench_streaming_linear  # noqa: E402
 from timing import copies_for, environment, time_graph  # noqa: E402
 
-from hf_fused.ops._common import FEW_TOKENS  # noqa: E402
 from hf_fused.ops.rmsnorm_qkv import (  # noqa: E402
     DECODE_MAX_M,
     DecodeConfig,
@@ -55,9 +54,6 @@ MAX_TILE = 16384
 # weights in flight per program, on 4 or 8 warps.
 ONE_TOKEN_GRID = ((8, 512, 4), (8, 1024, 4), (8, 1024, 8), (16, 512, 4), (16, 512, 8), (16, 1024, 8),
                   (32, 256, 4), (32, 512, 8))
-# The same for the few-token kernels, whose K tile is one 16-byte vector per thread (8 bf16
-# columns times 32 lanes times num_warps) and whose accumulator grows with rows times tokens.
-FEW_TOKEN_GRID = ((4, 1024, 4), (8, 1024, 4), (16, 1024, 4), (4, 2048, 8), (8, 2048, 8), (16, 2048, 8))
 
 
 # The TMA kernel's x and W tiles wait in shared memory, num_stages of them, and so does its output
@@ -72,10 +68,6 @@ def candidate_configs(M: int, K: int, accumulators: int = 1, prefill: str = "fus
         if M == 1:  # CUDA cores, hand double-buffered: num_stages has no pipelined loop to act on
             return [DecodeConfig(1, bk, wide_norm, w, 1, r // accumulators) for r, bk, w in ONE_TOKEN_GRID
                     if r * bk <= MAX_TILE]
-        if M <= FEW_TOKENS:
-            block_m = 1 << (M - 1).bit_length()
-            return [DecodeConfig(block_m, bk, bk, w, 1, max(1, r // accumulators)) for r, bk, w in FEW_TOKEN_GRID
-                    if r * block_m <= 32]
         # Tensor cores: num_stages is how many weight tiles the pipeliner keeps in flight. Rows
         # per program None gives every SM one equal share (no partial last wave); the norm's
         # block sets how many serial loads the row reduction takes before the stream starts.
@@ -103,17 +95,15 @@ def gate_up_launchers(M: int, N: int, K: int):
     return default, launch
 
 
-def linear_launchers(M: int, N: int, K: int):
+def linear_launchers(N: int, K: int):
     """The streaming linear op's heuristic, its candidates and launcher, in the QKV launchers' call shape."""
     op = importlib.import_module("hf_fused.ops.streaming_linear")
-    block_m = 1 << (M - 1).bit_length()
-    grid = ONE_TOKEN_GRID if M == 1 else [(r, bk, w) for r, bk, w in FEW_TOKEN_GRID if r * block_m <= 32]
-    candidates = [op.StreamConfig(bk, w, r) for r, bk, w in grid]
+    candidates = [op.StreamConfig(bk, w, r) for r, bk, w in ONE_TOKEN_GRID]
 
     def launch(x, norm_weight, weight, bias, y, eps, gemma, config):
         op.launch_stream(x, weight, bias, y, config)
 
-    return op.stream_config(N, K, torch.device("cuda"), M), candidates, launch
+    return op.stream_config(N, K, torch.device("cuda")), candidates, launch
 
 
 def main() -> None:
@@ -138,18 +128,21 @@ def main() -> None:
         norm_weight = torch.rand(K, device="cuda", dtype=dtype) + 0.5
         for M in map(int, args.ms.split(",")):
             decode = M <= DECODE_MAX_M
-            if args.op in ("linear", "gate_up") and M > FEW_TOKENS:
-                continue  # cuBLAS's
             if args.op == "linear":
-                default, candidates, launch = linear_launchers(M, N, K)
+                if M != 1:
+                    continue
+                default, candidates, launch = linear_launchers(N, K)
             elif args.op == "gate_up":
+                if M != 1:
+                    continue
                 default, launch = gate_up_launchers(M, N, K)
             else:
                 prefill_config, prefill_launch = {"fused": (gemm_config, launch_gemm), "tma": (tma_config, launch_tma)}[args.prefill]
                 default = decode_config(M, N, K, torch.device("cuda")) if decode else prefill_config(M, N, K)
                 launch = launch_decode if decode else prefill_launch
             if args.op != "linear":
-                # Each gate_up output row streams two weight rows, into two accumulators.
+                # Each gate_up output row streams two weight rows, into two accumulators; it has
+                # only the one-token kernel.
                 candidates = candidate_configs(M, K, 1 if args.op == "qkv" else 2, args.prefill)
             x = torch.randn(M, K, device="cuda", dtype=dtype)
             y = torch.empty(M, N // 2 if args.op == "gate_up" else N, device="cuda", dtype=dtype)
@@ -163,9 +156,9 @@ def main() -> None:
                     continue
                 timings.append((us, config))
                 print(f"    {us:9.2f} us  {config}", flush=True)
-            # The target from two tokens on is cuBLAS on the same weight with no norm, timed the same way.
+            # The prefill target is cuBLAS on the same weight with no norm, timed the same way.
             cublas_us = None
-            if M > 1:
+            if args.op == "qkv" and not decode:
                 cublas_us = time_graph([(lambda w=w, x=x: F.linear(x, w)) for w in weights], replays=5)
             timings.sort(key=lambda t: t[0])
             default_us = next((us for us, c in timings if c == default), float("nan"))  # nan: failed to compile

@@ -104,18 +104,6 @@ def _kernel_flags(gemma: bool, config) -> dict:
     )
 
 
-# From two tokens up to this many, in a 16-bit dtype, the weight-streaming kernels multiply on
-# CUDA cores as for one token, each weight tile times every token's row: the weight bytes stay
-# those of one token, and the multiply-adds (with the norm of each token tile) still hide under
-# them. Past it they would not, and the ops take tensor cores (QKV) or cuBLAS.
-FEW_TOKENS = 4
-
-
-def streams_few_tokens(M: int, dtype: torch.dtype) -> bool:
-    """Whether M tokens take the few-token CUDA-core path of the weight-streaming kernels."""
-    return 1 < M <= FEW_TOKENS and dtype in (torch.float16, torch.bfloat16)
-
-
 @functools.cache
 def _sm_count(device: torch.device) -> int:
     # The interpreter runs programs one after another; a few suffice to exercise the row split.
@@ -166,20 +154,11 @@ def _row_rstd(x_ptr, offs_m, M, K, stride_xm, stride_xk, eps, BLOCK_M: tl.conste
 
 
 @triton.jit
-def _weight_tile(w_ptrs, k0, n_mask, K, stride_wk, cols):
-    """Columns k0 + cols of a program's weight rows; zero past K (so a prefetch past the last
-    tile reads nothing). The rows' pointers and mask and the tile's column offsets come shaped
-    to broadcast to the tile: (BLOCK_N, 1), (BLOCK_N, 1) and (1, BLOCK_K) for a 2-d one."""
-    offs_k = k0 + cols
-    return tl.load(w_ptrs + offs_k * stride_wk, mask=n_mask & (offs_k < K), other=0.0)
-
-
-@triton.jit
-def _lane_columns(BLOCK_K: tl.constexpr, VEC: tl.constexpr):
-    """A K tile's column offsets as (1, 1, BLOCK_K // VEC, VEC): lane l takes columns l VEC to
-    l VEC + VEC - 1, one 16-byte vector, and sums its products over them in registers."""
-    lanes = tl.arange(0, BLOCK_K // VEC)[:, None] * VEC + tl.arange(0, VEC)[None, :]
-    return lanes[None, None, :, :]
+def _weight_tile(w_ptrs, k0, n_mask, K, stride_wk, BLOCK_K: tl.constexpr):
+    """Columns k0 .. k0 + BLOCK_K of a program's weight rows; zero past K (so a prefetch past
+    the last tile reads nothing)."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    return tl.load(w_ptrs + offs_k[None, :] * stride_wk, mask=n_mask[:, None] & (offs_k[None, :] < K), other=0.0)
 
 
 @triton.jit
@@ -196,21 +175,19 @@ def _round_to(x, dtype: tl.constexpr, INTERPRETED: tl.constexpr):
 
 @triton.jit
 def _normalized_tile(
-    x_ptr, w_ptr, rows, cols, rstd, M, K, stride_xm, stride_xk, GEMMA: tl.constexpr, INTERPRETED: tl.constexpr
+    x_ptr, w_ptr, offs_m, offs_k, rstd, M, K, stride_xm, stride_xk, GEMMA: tl.constexpr, INTERPRETED: tl.constexpr
 ):
-    """x[rows, cols] normalized with the same roundings as transformers; zero outside. rows,
-    cols and rstd (1/rms of each row) come shaped to broadcast to the tile: (BLOCK_M, 1),
-    (1, BLOCK_K) and (BLOCK_M, 1) for a 2-d one."""
-    mask = (rows < M) & (cols < K)
-    x = tl.load(x_ptr + rows * stride_xm + cols * stride_xk, mask=mask, other=0.0)
-    w = tl.load(w_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+    """x[offs_m, offs_k] normalized with the same roundings as transformers; zero outside."""
+    mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=mask, other=0.0)
+    w = tl.load(w_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
     dtype: tl.constexpr = x_ptr.dtype.element_ty
-    normed = x.to(tl.float32) * rstd
+    normed = x.to(tl.float32) * rstd[:, None]
     if GEMMA:
-        return _round_to(normed * (1.0 + w), dtype, INTERPRETED)
+        return _round_to(normed * (1.0 + w[None, :]), dtype, INTERPRETED)
     # Llama rounds the normalized value before the weight multiply, then rounds the product.
     normed = _round_to(normed, dtype, INTERPRETED).to(tl.float32)
-    return _round_to(w * normed, dtype, INTERPRETED)
+    return _round_to(w[None, :] * normed, dtype, INTERPRETED)
 
 
 @triton.jit
@@ -236,8 +213,7 @@ def _rmsnorm_kernel(
     rstd = _row_rstd(x_ptr, offs_m, M, K, stride_xm, stride_xk, eps, BLOCK_M, BLOCK_K)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        xn = _normalized_tile(x_ptr, norm_w_ptr, offs_m[:, None], offs_k[None, :], rstd[:, None], M, K, stride_xm,
-                              stride_xk, GEMMA, INTERPRETED)
+        xn = _normalized_tile(x_ptr, norm_w_ptr, offs_m, offs_k, rstd, M, K, stride_xm, stride_xk, GEMMA, INTERPRETED)
         mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
         tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_k[None, :], xn, mask=mask)
 

@@ -12,9 +12,9 @@ For x of shape (M, K), a norm weight w of shape (K,) and W = [Wg; Wu] of shape (
 y (M, I) is what LlamaMLP, GemmaMLP and their kin hand to down_proj.
 
 Paths, chosen by M:
-- one token, and up to FEW_TOKENS in a 16-bit dtype: weight streaming on CUDA cores, as
-  rmsnorm_qkv's one-token and few-token kernels. Each program streams the same rows of Wg and
-  of Wu, so act(g) * u is formed in registers and neither g nor u reaches memory.
+- one token: weight streaming, as rmsnorm_qkv's one-token kernel. Each program streams the
+  same rows of Wg and of Wu, so act(g) * u is formed in registers and neither g nor u reaches
+  memory.
 - more tokens: a Triton norm pass, cuBLAS on the concatenated [Wg; Wu], the activation in
   PyTorch. On an H100 a tl.dot streaming kernel lost to this from 4 tokens on: at 16 tokens on
   the Llama-3-8B shape it took 103 µs against 90 µs for the compiled norm + GEMM + activation
@@ -41,7 +41,6 @@ from hf_fused.ops._common import (
     EagerLaunch,
     _decode_split,
     _kernel_flags,
-    _lane_columns,
     _normalized_tile,
     _round_to,
     _row_rstd,
@@ -54,7 +53,6 @@ from hf_fused.ops._common import (
     rmsnorm_ref,
     runs_triton,
     signature,
-    streams_few_tokens,
 )
 from hf_fused.ops.rmsnorm_qkv import DecodeConfig, decode_config
 
@@ -110,48 +108,33 @@ def _rmsnorm_gate_up_decode_kernel(
     GEMMA: tl.constexpr, GELU: tl.constexpr, INTERPRETED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NORM_BLOCK_K: tl.constexpr,
 ):
-    # rmsnorm_qkv's weight-streaming kernels (one token, or a few up to FEW_TOKENS) with two
-    # accumulators: output column n takes row n of Wg and row I + n of Wu, so one program holds
-    # both halves of its outputs' inputs. CUDA-core multiply-adds, reduced across K once after
-    # the streaming loop, with the weight stream double-buffered by hand.
+    # rmsnorm_qkv's one-token kernel with two accumulators: output column n takes row n of Wg
+    # and row I + n of Wu, so one program holds both halves of its outputs' inputs. CUDA-core
+    # multiply-adds, reduced across K once after the streaming loop, with the weight stream
+    # double-buffered by hand. BLOCK_M is 1 (the launcher's config), the helpers take it as a tile.
     pid = tl.program_id(0)
     offs_m = tl.arange(0, BLOCK_M)
     rows = tl.arange(0, BLOCK_N)
     offs_n = pid * rows_per_program + rows
     n_mask = (rows < rows_per_program) & (offs_n < I)
-    if BLOCK_M == 1:
-        wg_ptrs, rows_mask, cols = w_ptr + offs_n[:, None] * stride_wn, n_mask[:, None], tl.arange(0, BLOCK_K)[None, :]
-        tokens = offs_m[:, None]
-        acc_g = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    else:  # the tile (rows, tokens, lanes, VEC) of rmsnorm_qkv's few-token kernel
-        VEC: tl.constexpr = 128 // w_ptr.dtype.element_ty.primitive_bitwidth
-        wg_ptrs, rows_mask, cols = w_ptr + offs_n[:, None, None, None] * stride_wn, n_mask[:, None, None, None], \
-            _lane_columns(BLOCK_K, VEC)
-        tokens = offs_m[None, :, None, None]
-        acc_g = tl.zeros((BLOCK_N, BLOCK_M, BLOCK_K // VEC), dtype=tl.float32)
+    wg_ptrs = w_ptr + offs_n[:, None] * stride_wn
     wu_ptrs = wg_ptrs + I * stride_wn
-    acc_u = tl.zeros_like(acc_g)
-    wg_next = _weight_tile(wg_ptrs, 0, rows_mask, K, stride_wk, cols)
-    wu_next = _weight_tile(wu_ptrs, 0, rows_mask, K, stride_wk, cols)
-    # The first tiles are in flight during the norm's reduction.
+    wg_next = _weight_tile(wg_ptrs, 0, n_mask, K, stride_wk, BLOCK_K)
+    wu_next = _weight_tile(wu_ptrs, 0, n_mask, K, stride_wk, BLOCK_K)
     rstd = _row_rstd(x_ptr, offs_m, M, K, stride_xm, stride_xk, eps, BLOCK_M, NORM_BLOCK_K)
-    rstd = rstd[:, None] if BLOCK_M == 1 else rstd[None, :, None, None]
+    acc_g = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         wg, wu = wg_next, wu_next
-        wg_next = _weight_tile(wg_ptrs, k0 + BLOCK_K, rows_mask, K, stride_wk, cols)
-        wu_next = _weight_tile(wu_ptrs, k0 + BLOCK_K, rows_mask, K, stride_wk, cols)
-        xn = _normalized_tile(x_ptr, norm_w_ptr, tokens, k0 + cols, rstd, M, K, stride_xm, stride_xk, GEMMA, INTERPRETED)
+        wg_next = _weight_tile(wg_ptrs, k0 + BLOCK_K, n_mask, K, stride_wk, BLOCK_K)
+        wu_next = _weight_tile(wu_ptrs, k0 + BLOCK_K, n_mask, K, stride_wk, BLOCK_K)
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        xn = _normalized_tile(x_ptr, norm_w_ptr, offs_m, offs_k, rstd, M, K, stride_xm, stride_xk, GEMMA, INTERPRETED)
         xn = xn.to(tl.float32)
-        if BLOCK_M == 1:
-            acc_g += wg.to(tl.float32) * xn
-            acc_u += wu.to(tl.float32) * xn
-        else:
-            acc_g += tl.sum(wg.to(tl.float32) * xn, axis=3)
-            acc_u += tl.sum(wu.to(tl.float32) * xn, axis=3)
-    if BLOCK_M == 1:
-        g, u = tl.sum(acc_g, axis=1)[:, None], tl.sum(acc_u, axis=1)[:, None]
-    else:
-        g, u = tl.sum(acc_g, axis=2), tl.sum(acc_u, axis=2)
+        acc_g += wg.to(tl.float32) * xn
+        acc_u += wu.to(tl.float32) * xn
+    g = tl.sum(acc_g, axis=1)[:, None]
+    u = tl.sum(acc_u, axis=1)[:, None]
     y = _gated(g, u, y_ptr.dtype.element_ty, GELU, INTERPRETED)
     y_ptrs = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None] * stride_yn
     tl.store(y_ptrs, y, mask=n_mask[:, None] & (offs_m[None, :] < M))
@@ -161,7 +144,7 @@ def decode_launch(
     x, norm_weight, gate_up_weight, y, eps: float, gemma: bool, activation: str, config: DecodeConfig | None = None
 ) -> tuple[tuple[int], tuple, dict]:
     """The weight-streaming kernel's grid, runtime arguments (the four tensors first) and
-    meta-parameters: x (M, K) with M = 1 or streams_few_tokens, gate_up_weight (2I, K), y (M, I)."""
+    meta-parameters: x (1, K), gate_up_weight (2I, K), y (1, I)."""
     M, K = x.shape
     I = gate_up_weight.shape[0] // 2
     if config is None:
@@ -183,7 +166,7 @@ def decode_launch(
 def launch_decode(
     x, norm_weight, gate_up_weight, y, eps: float, gemma: bool, activation: str, config: DecodeConfig | None = None
 ) -> None:
-    """The weight-streaming kernel: x (M, K) with M = 1 or streams_few_tokens, gate_up_weight (2I, K), y (M, I)."""
+    """The weight-streaming kernel: x (1, K), gate_up_weight (2I, K), y (1, I)."""
     grid, args, meta = decode_launch(x, norm_weight, gate_up_weight, y, eps, gemma, activation, config)
     wrap_triton(_rmsnorm_gate_up_decode_kernel)[grid](*args, **meta)
 
@@ -194,7 +177,7 @@ def rmsnorm_gate_up_2d(
     """Dispatch by token count: x (M, K) -> (M, I)."""
     M, K = x.shape
     I = gate_up_weight.shape[0] // 2
-    if M <= 1 or streams_few_tokens(M, x.dtype):
+    if M <= 1:
         y = x.new_empty((M, I))
         if M > 0:
             launch_decode(x, norm_weight, gate_up_weight, y, eps, gemma, activation)
@@ -234,7 +217,7 @@ _EAGER_LAUNCHES: dict[tuple, EagerLaunch] = {}
 def _eager_decode(
     x: Tensor, norm_weight: Tensor, gate_up_weight: Tensor, eps: float, norm_style: str, activation: str
 ) -> Tensor:
-    """The weight-streaming kernel launched from eager code, its launch resolved once per signature."""
+    """The one-token kernel launched from eager code, its launch resolved once per signature."""
     key = (signature(x, norm_weight, gate_up_weight), eps, norm_style, activation)
     out_shape = (*x.shape[:-1], gate_up_weight.shape[0] // 2)
     y = x.new_empty(out_shape)
@@ -274,11 +257,10 @@ def rmsnorm_gate_up(
         (..., I) in x's dtype. CUDA tensors run the Triton kernels; CPU tensors run the same
         math in PyTorch, or the kernels in Triton's interpreter when TRITON_INTERPRET=1.
     """
-    tokens = x.numel() // max(x.shape[-1], 1)
     if (
         eager_launchable(x, norm_weight, gate_up_weight)
         and x.is_contiguous()
-        and (tokens == 1 or streams_few_tokens(tokens, x.dtype))
+        and x.numel() == x.shape[-1]
     ):
         return _eager_decode(x, norm_weight, gate_up_weight, eps, norm_style, activation)
     _check_inputs(x, norm_weight, gate_up_weight, norm_style, activation)

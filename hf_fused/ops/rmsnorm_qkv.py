@@ -13,8 +13,7 @@ to rstd, then normalizes each K-chunk of x in registers right before it meets th
 Paths, chosen by M:
 - decode (M <= DECODE_MAX_M; in fp32 one token only, see streams_weights): weight streaming.
   Cost is reading W once, so every SM gets an equal share of W's rows and keeps its loads in
-  flight; the few token rows ride along in registers. Up to FEW_TOKENS tokens the kernel
-  multiplies on CUDA cores, past that with tl.dot.
+  flight; the few token rows ride along in registers.
 - prefill, "fused": a tiled tl.dot GEMM with grouped program order for L2 reuse.
 - prefill, "tma" (bf16 on Hopper and later): a persistent tl.dot GEMM fed by TMA tensor
   descriptors, with the norm's reduction carried along its K loop (see _rmsnorm_qkv_tma_kernel).
@@ -35,12 +34,10 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from hf_fused.ops._autograd import register_reference_backward
 from hf_fused.ops._common import (
-    FEW_TOKENS,
     EagerLaunch,
     _decode_split,
     _dot,
     _kernel_flags,
-    _lane_columns,
     _normalized_tile,
     _round_to,
     _row_rstd,
@@ -127,15 +124,10 @@ def decode_config(M: int, N: int, K: int, device: torch.device | None = None) ->
     H100, and for one token on an H200 (h200_tuned) off the same sweep there.
 
     One token streams on CUDA cores, its whole row normalized up front (those loads gate the
-    weight stream); so do up to FEW_TOKENS tokens, a K tile of one 16-byte vector per thread.
-    Past that, rows pad to 16 or more and go through tl.dot, with K-tiles small enough that the
-    pipelined weight and token tiles fit in shared memory.
+    weight stream). From two tokens on, rows pad to 16 or more and go through tl.dot, with
+    K-tiles small enough that the pipelined weight and token tiles fit in shared memory.
     """
     large = N * K >= 4096 * 4096
-    if 1 < M <= FEW_TOKENS:
-        # CUDA cores: a K tile of one 16-byte vector per thread (see the kernel), 8 rows a program.
-        block_m = triton.next_power_of_2(M)
-        return DecodeConfig(block_m, 1024, 1024, num_warps=4, num_stages=1, rows_per_program=8)
     if M == 1:
         norm_block_k = min(triton.next_power_of_2(K), 4096)
         if h200_tuned(device):
@@ -203,51 +195,30 @@ def _rmsnorm_qkv_decode_kernel(
     rows = tl.arange(0, BLOCK_N)
     offs_n = pid * rows_per_program + rows
     n_mask = (rows < rows_per_program) & (offs_n < N)
+    w_ptrs = w_ptr + offs_n[:, None] * stride_wn
     if BLOCK_M == 1:
         # One token: multiply-add on CUDA cores into a (BLOCK_N, BLOCK_K) accumulator and reduce
         # across K once at the end, keeping cross-thread reductions out of the streaming loop.
         # Triton pipelines only loads that feed tl.dot, so the stream is double-buffered by hand:
         # the next weight tile is in flight while this one is multiplied, and the first one is
         # issued before the norm's reduction, which would otherwise leave the program idle.
-        w_ptrs, rows_mask, cols = w_ptr + offs_n[:, None] * stride_wn, n_mask[:, None], tl.arange(0, BLOCK_K)[None, :]
-        w_next = _weight_tile(w_ptrs, 0, rows_mask, K, stride_wk, cols)
+        w_next = _weight_tile(w_ptrs, 0, n_mask, K, stride_wk, BLOCK_K)
         rstd = _row_rstd(x_ptr, offs_m, M, K, stride_xm, stride_xk, eps, BLOCK_M, NORM_BLOCK_K)
         acc_k = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             w = w_next
-            w_next = _weight_tile(w_ptrs, k0 + BLOCK_K, rows_mask, K, stride_wk, cols)
-            xn = _normalized_tile(x_ptr, norm_w_ptr, offs_m[:, None], k0 + cols, rstd[:, None], M, K, stride_xm,
-                                  stride_xk, GEMMA, INTERPRETED)
+            w_next = _weight_tile(w_ptrs, k0 + BLOCK_K, n_mask, K, stride_wk, BLOCK_K)
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            xn = _normalized_tile(x_ptr, norm_w_ptr, offs_m, offs_k, rstd, M, K, stride_xm, stride_xk, GEMMA, INTERPRETED)
             acc_k += w.to(tl.float32) * xn.to(tl.float32)
         acc = tl.sum(acc_k, axis=1)[:, None]
-    elif BLOCK_M < 16:
-        # A few tokens: the same stream, every weight tile times each token's row. The tile is
-        # (rows, tokens, lanes, VEC), VEC columns a 16-byte vector, and each thread sums its VEC
-        # columns in registers every step, so the accumulator (rows, tokens, lanes) stays VEC
-        # times smaller than the one-token kernel's would be: enough rows fit a program to
-        # amortize normalizing its token tile.
-        VEC: tl.constexpr = 128 // w_ptr.dtype.element_ty.primitive_bitwidth
-        w_ptrs, rows_mask, cols = w_ptr + offs_n[:, None, None, None] * stride_wn, n_mask[:, None, None, None], \
-            _lane_columns(BLOCK_K, VEC)
-        tokens = offs_m[None, :, None, None]
-        w_next = _weight_tile(w_ptrs, 0, rows_mask, K, stride_wk, cols)
-        rstd = _row_rstd(x_ptr, offs_m, M, K, stride_xm, stride_xk, eps, BLOCK_M, NORM_BLOCK_K)[None, :, None, None]
-        acc_k = tl.zeros((BLOCK_N, BLOCK_M, BLOCK_K // VEC), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            w = w_next
-            w_next = _weight_tile(w_ptrs, k0 + BLOCK_K, rows_mask, K, stride_wk, cols)
-            xn = _normalized_tile(x_ptr, norm_w_ptr, tokens, k0 + cols, rstd, M, K, stride_xm, stride_xk, GEMMA,
-                                  INTERPRETED)
-            acc_k += tl.sum(w.to(tl.float32) * xn.to(tl.float32), axis=3)
-        acc = tl.sum(acc_k, axis=2)
-    else:  # tensor cores: tl.dot takes 16 rows or more
-        w_ptrs, rows_mask, cols = w_ptr + offs_n[:, None] * stride_wn, n_mask[:, None], tl.arange(0, BLOCK_K)[None, :]
+    else:
         rstd = _row_rstd(x_ptr, offs_m, M, K, stride_xm, stride_xk, eps, BLOCK_M, NORM_BLOCK_K)
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            xn = _normalized_tile(x_ptr, norm_w_ptr, offs_m[:, None], k0 + cols, rstd[:, None], M, K, stride_xm,
-                                  stride_xk, GEMMA, INTERPRETED)
-            acc = _dot(_weight_tile(w_ptrs, k0, rows_mask, K, stride_wk, cols), tl.trans(xn), acc, INTERPRETED, IEEE)
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            xn = _normalized_tile(x_ptr, norm_w_ptr, offs_m, offs_k, rstd, M, K, stride_xm, stride_xk, GEMMA, INTERPRETED)
+            acc = _dot(_weight_tile(w_ptrs, k0, n_mask, K, stride_wk, BLOCK_K), tl.trans(xn), acc, INTERPRETED, IEEE)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
     y_ptrs = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None] * stride_yn
@@ -281,8 +252,7 @@ def _rmsnorm_qkv_gemm_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        xn = _normalized_tile(x_ptr, norm_w_ptr, offs_m[:, None], offs_k[None, :], rstd[:, None], M, K, stride_xm,
-                              stride_xk, GEMMA, INTERPRETED)
+        xn = _normalized_tile(x_ptr, norm_w_ptr, offs_m, offs_k, rstd, M, K, stride_xm, stride_xk, GEMMA, INTERPRETED)
         w_mask = (offs_k[:, None] < K) & (offs_n[None, :] < N)
         w = tl.load(w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn, mask=w_mask, other=0.0)
         acc = _dot(xn, w, acc, INTERPRETED, IEEE)

@@ -1,4 +1,4 @@
-"""A linear layer for a token or a few at a time: y = x @ W.T + b (+ residual) as one weight-streaming
+"""A linear layer for one token at a time: y = x @ W.T + b (+ residual) as one weight-streaming
 Triton kernel.
 
 This is for the projections that no norm feeds (o_proj, down_proj). At one token a linear layer
@@ -12,11 +12,10 @@ and `residual + down_proj(x)` (fuse="residual") then cost no kernel of their own
 rounded once, from fp32; the stock layer rounds the projection, then the sum.
 
 Paths, chosen by M (tokens):
-- M == 1, and up to FEW_TOKENS in a 16-bit dtype: the streaming kernel, fp32 accumulation on
-  CUDA cores, one rounding at the end.
-- otherwise: F.linear (cuBLAS), then the residual added as the stock layer adds it. At 16
-  tokens cuBLAS's tensor-core GEMV matches the streaming kernels measured so far
-  (docs/bench_rmsnorm_qkv.md), and with no norm to fuse there is nothing else to gain.
+- M == 1: the streaming kernel, fp32 accumulation on CUDA cores, one rounding at the end.
+- otherwise: F.linear (cuBLAS), then the residual added as the stock layer adds it. From a
+  few tokens on, cuBLAS's tensor-core GEMV matches the streaming kernels measured so far
+  (docs/bench_rmsnorm_qkv.md, M=16), and with no norm to fuse there is nothing else to gain.
 """
 
 from __future__ import annotations
@@ -34,7 +33,6 @@ from hf_fused.ops._autograd import register_reference_backward
 from hf_fused.ops._common import (
     EagerLaunch,
     _decode_split,
-    _lane_columns,
     _round_to,
     _weight_tile,
     cached_launch,
@@ -44,7 +42,6 @@ from hf_fused.ops._common import (
     on_device_of,
     runs_triton,
     signature,
-    streams_few_tokens,
     triton_interpreter_enabled,
 )
 
@@ -59,12 +56,9 @@ class StreamConfig:
     rows_per_program: int | None
 
 
-def stream_config(N: int, K: int, device: torch.device | None = None, M: int = 1) -> StreamConfig:
+def stream_config(N: int, K: int, device: torch.device | None = None) -> StreamConfig:
     """Heuristic read off benchmarks/tune_rmsnorm_qkv.py --op linear on an H100, and on an H200
-    (h200_tuned), where a long K (down_proj of a 70B) streams fastest in 1024-wide tiles on 8 warps.
-    A few tokens take rmsnorm_qkv's few-token tile: one 16-byte vector per thread, 8 rows a program."""
-    if M > 1:
-        return StreamConfig(BLOCK_K=1024, num_warps=4, rows_per_program=8)
+    (h200_tuned), where a long K (down_proj of a 70B) streams fastest in 1024-wide tiles on 8 warps."""
     if h200_tuned(device):
         return StreamConfig(BLOCK_K=1024, num_warps=8, rows_per_program=8) if K >= 16384 else \
             StreamConfig(BLOCK_K=512, num_warps=4, rows_per_program=8)
@@ -74,54 +68,34 @@ def stream_config(N: int, K: int, device: torch.device | None = None, M: int = 1
 @triton.jit
 def _streaming_linear_kernel(
     x_ptr, w_ptr, b_ptr, r_ptr, y_ptr,
-    M, N, K, rows_per_program,
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_ym,
+    N, K, rows_per_program,
+    stride_xk, stride_wn, stride_wk,
     HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, INTERPRETED: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # Each program owns rows_per_program rows of W (BLOCK_N is that rounded up; masked rows cost
-    # no traffic) and multiplies into an accumulator reduced across K once at the end: for one
-    # token (BLOCK_N, BLOCK_K), for a few the (rows, tokens, lanes) of rmsnorm_qkv's few-token
-    # kernel, each thread summing its VEC columns in registers every step. Triton pipelines only
-    # loads that feed tl.dot, so the weight stream is double-buffered by hand: the next tile is
-    # in flight while this one is multiplied.
+    # no traffic) and multiplies into a (BLOCK_N, BLOCK_K) accumulator, reduced across K once at
+    # the end. Triton pipelines only loads that feed tl.dot, so the weight stream is
+    # double-buffered by hand: the next tile is in flight while this one is multiplied.
     pid = tl.program_id(0)
-    offs_m = tl.arange(0, BLOCK_M)
     rows = tl.arange(0, BLOCK_N)
     offs_n = pid * rows_per_program + rows
     n_mask = (rows < rows_per_program) & (offs_n < N)
-    if BLOCK_M == 1:
-        w_ptrs, rows_mask, cols = w_ptr + offs_n[:, None] * stride_wn, n_mask[:, None], tl.arange(0, BLOCK_K)[None, :]
-        tokens = offs_m[:, None]
-        acc_k = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    else:
-        VEC: tl.constexpr = 128 // w_ptr.dtype.element_ty.primitive_bitwidth
-        w_ptrs, rows_mask, cols = w_ptr + offs_n[:, None, None, None] * stride_wn, n_mask[:, None, None, None], \
-            _lane_columns(BLOCK_K, VEC)
-        tokens = offs_m[None, :, None, None]
-        acc_k = tl.zeros((BLOCK_N, BLOCK_M, BLOCK_K // VEC), dtype=tl.float32)
-    w_next = _weight_tile(w_ptrs, 0, rows_mask, K, stride_wk, cols)
+    w_ptrs = w_ptr + offs_n[:, None] * stride_wn
+    w_next = _weight_tile(w_ptrs, 0, n_mask, K, stride_wk, BLOCK_K)
+    acc_k = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         w = w_next
-        w_next = _weight_tile(w_ptrs, k0 + BLOCK_K, rows_mask, K, stride_wk, cols)
-        offs_k = k0 + cols
-        x = tl.load(x_ptr + tokens * stride_xm + offs_k * stride_xk, mask=(tokens < M) & (offs_k < K), other=0.0)
-        if BLOCK_M == 1:
-            acc_k += w.to(tl.float32) * x.to(tl.float32)
-        else:
-            acc_k += tl.sum(w.to(tl.float32) * x.to(tl.float32), axis=3)
-    if BLOCK_M == 1:
-        acc = tl.sum(acc_k, axis=1)[:, None]
-    else:
-        acc = tl.sum(acc_k, axis=2)  # (BLOCK_N, BLOCK_M)
+        w_next = _weight_tile(w_ptrs, k0 + BLOCK_K, n_mask, K, stride_wk, BLOCK_K)
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + offs_k * stride_xk, mask=offs_k < K, other=0.0)
+        acc_k += w.to(tl.float32) * x.to(tl.float32)[None, :]
+    acc = tl.sum(acc_k, axis=1)
     if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
-    # y and the residual are (M, N), contiguous.
-    out_offs = offs_m[None, :] * stride_ym + offs_n[:, None]
-    out_mask = n_mask[:, None] & (offs_m[None, :] < M)
+        acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
-        acc += tl.load(r_ptr + out_offs, mask=out_mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + out_offs, _round_to(acc, y_ptr.dtype.element_ty, INTERPRETED), mask=out_mask)
+        acc += tl.load(r_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offs_n, _round_to(acc, y_ptr.dtype.element_ty, INTERPRETED), mask=n_mask)
 
 
 def stream_launch(
@@ -129,15 +103,14 @@ def stream_launch(
     residual: Tensor | None = None,
 ) -> tuple[tuple[int], tuple, dict]:
     """The streaming kernel's grid, runtime arguments (the five tensors first) and
-    meta-parameters: x (M, K) with streams_weights(M), weight (N, K), y and residual (M, N) contiguous."""
-    M, K = x.shape
-    N = weight.shape[0]
-    config = config or stream_config(N, K, x.device, M)
+    meta-parameters: x (K,) or (1, K), weight (N, K), y and residual (N,) contiguous."""
+    N, K = weight.shape
+    config = config or stream_config(N, K, x.device)
     rows_per_program, block_n, grid = _decode_split(N, config.rows_per_program, 1, x.device)
     args = (x, weight, bias if bias is not None else y, residual if residual is not None else y, y,
-            M, N, K, rows_per_program, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), N)
+            N, K, rows_per_program, x.stride(-1), weight.stride(0), weight.stride(1))
     meta = dict(HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, INTERPRETED=triton_interpreter_enabled(),
-                BLOCK_M=triton.next_power_of_2(M), BLOCK_N=block_n, BLOCK_K=config.BLOCK_K, num_warps=config.num_warps)
+                BLOCK_N=block_n, BLOCK_K=config.BLOCK_K, num_warps=config.num_warps)
     return (grid,), args, meta
 
 
@@ -145,7 +118,7 @@ def launch_stream(
     x: Tensor, weight: Tensor, bias: Tensor | None, y: Tensor, config: StreamConfig | None = None,
     residual: Tensor | None = None,
 ) -> None:
-    """The streaming kernel: x (M, K) with streams_weights(M), weight (N, K), y and residual (M, N) contiguous."""
+    """The streaming kernel: x (K,) or (1, K), weight (N, K), y and residual (N,) contiguous."""
     grid, args, meta = stream_launch(x, weight, bias, y, config, residual)
     wrap_triton(_streaming_linear_kernel)[grid](*args, **meta)
 
@@ -156,9 +129,9 @@ def linear_ref(x: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor 
     return y if residual is None else residual + y
 
 
-def streams_weights(M: int, dtype: torch.dtype) -> bool:
+def streams_weights(M: int) -> bool:
     """Whether M tokens take the streaming kernel rather than cuBLAS."""
-    return M == 1 or streams_few_tokens(M, dtype)
+    return M == 1
 
 
 # Traced, autograd and other eager calls go through the registered op, as rmsnorm_qkv's do.
@@ -166,11 +139,10 @@ def streams_weights(M: int, dtype: torch.dtype) -> bool:
 def _streaming_linear_op(x: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor | None = None) -> Tensor:
     K = x.shape[-1]
     M = x.numel() // K
-    if not runs_triton(x) or not streams_weights(M, x.dtype):
+    if not runs_triton(x) or not streams_weights(M):
         return linear_ref(x, weight, bias, residual)
-    N = weight.shape[0]
-    y = x.new_empty((*x.shape[:-1], N))
-    launch_stream(x.reshape(M, K), weight, bias, y.view(M, N), residual=None if residual is None else residual.view(M, N))
+    y = x.new_empty((*x.shape[:-1], weight.shape[0]))
+    launch_stream(x.reshape(K), weight, bias, y, residual=None if residual is None else residual.reshape(-1))
     return y
 
 
@@ -197,9 +169,7 @@ def _eager_stream(x: Tensor, weight: Tensor, bias: Tensor | None, residual: Tens
 
     def build() -> EagerLaunch:
         _check_inputs(x, weight, bias, residual)
-        K, N = weight.shape[1], weight.shape[0]
-        grid, args, meta = stream_launch(x.view(-1, K), weight, bias, y.view(-1, N),
-                                         residual=None if residual is None else residual.view(-1, N))
+        grid, args, meta = stream_launch(x, weight, bias, y, residual=residual)
         return EagerLaunch(_streaming_linear_kernel, grid, args, meta, n_tensors=5)
 
     launch = cached_launch(_EAGER_LAUNCHES, signature(x, weight, bias, residual), build)
@@ -209,25 +179,25 @@ def _eager_stream(x: Tensor, weight: Tensor, bias: Tensor | None, residual: Tens
 
 
 def streaming_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, residual: Tensor | None = None) -> Tensor:
-    """``F.linear(x, weight, bias)``, plus ``residual`` if given, with one token (or up to FEW_TOKENS)
-    streamed through a Triton kernel.
+    """``F.linear(x, weight, bias)``, plus ``residual`` if given, with one token streamed through
+    a Triton kernel.
 
     Args:
         x: (..., K) activations; any leading dims and strides.
         weight: (N, K), as nn.Linear's.
         bias: (N,) or None.
-        residual: (..., N) contiguous, added to the output (in the kernel's epilogue when streamed), or None.
+        residual: (..., N) contiguous, added to the output (in the kernel's epilogue at one token), or None.
 
     Returns:
-        (..., N) in x's dtype. On CUDA one token (a few, see streams_weights) runs the streaming
-        kernel, more tokens cuBLAS;
+        (..., N) in x's dtype. One token on CUDA runs the streaming kernel, more tokens cuBLAS;
         CPU tensors run F.linear, or the kernel in Triton's interpreter when TRITON_INTERPRET=1.
     """
     if eager_launchable(x, weight, bias, residual):
         # More tokens are the op's cuBLAS path: called here, it skips the op's dispatch.
-        if x.is_contiguous() and streams_weights(x.numel() // max(x.shape[-1], 1), x.dtype):
+        if x.numel() == x.shape[-1]:
             return _eager_stream(x, weight, bias, residual)
-        _check_inputs(x, weight, bias, residual)  # a wrong residual would broadcast
+        if residual is not None:
+            _check_inputs(x, weight, bias, residual)  # a wrong residual would broadcast
         return linear_ref(x, weight, bias, residual)
     _check_inputs(x, weight, bias, residual)
     with on_device_of(x):
