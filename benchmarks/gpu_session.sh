@@ -19,6 +19,7 @@
 #   bash benchmarks/gpu_session.sh ablate-tma  # the TMA kernel with the norm's work switched on piece by piece, beside cuBLAS
 #   bash benchmarks/gpu_session.sh static      # static-cache generate profiled (SmolLM2), with Inductor's code
 #   bash benchmarks/gpu_session.sh tune        # the QKV kernel's config sweep at M = 16
+#   bash benchmarks/gpu_session.sh pdl         # the weight kernels with and without programmatic dependent launch, in a CUDA graph
 #   bash benchmarks/gpu_session.sh ncu         # Nsight Compute on the 8B one-token QKV kernel
 #
 # Sizing: on an H200 a compare_tps cell of a compiled mode takes 30 to 60 s (compile and CUDA-graph
@@ -133,6 +134,11 @@ tune-tma)
     ;;
 ablate-tma)
     step 130 ablate_tma.txt python3 benchmarks/ablate_tma_prefill.py --shapes llama3-8b --ms 2048,16384 --out "$out"
+    ;;
+pdl)
+    for shape in llama3-8b llama3.2-1b smollm2-135m; do
+        step 90 "bench_pdl_$shape.txt" python3 benchmarks/bench_pdl.py --shape "$shape" --out "$out"
+    done
     ;;
 ncu)
     step 120 ncu_qkv_8b.txt ncu --clock-control none -k regex:rmsnorm_qkv --launch-skip 3 --launch-count 1 \

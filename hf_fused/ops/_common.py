@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from torch._subclasses.fake_tensor import is_fake
 from torch.library import wrap_triton
 
@@ -151,6 +152,33 @@ def _row_rstd(x_ptr, offs_m, M, K, stride_xm, stride_xk, eps, BLOCK_M: tl.conste
         x = x.to(tl.float32)
         sum_sq += tl.sum(x * x, axis=1)
     return tl.math.rsqrt(sum_sq / K + eps)
+
+
+@triton.jit
+def _await_inputs(PDL: tl.constexpr):
+    """Under programmatic dependent launch (PDL), let the next kernel's programs launch, then wait
+    until every earlier kernel has finished and its writes are visible.
+
+    A weight-streaming kernel launched with PDL starts while the kernel before it drains, and
+    issues its first weight tile before this call: the weights are the one input that no kernel
+    of a decode step writes. Everything that reads activations, or writes at all, comes after.
+    The next kernel waits in turn, so starting it early orders nothing wrongly.
+    """
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
+
+
+def pdl_supported(device: torch.device) -> bool:
+    """Whether kernels on ``device`` can take programmatic dependent launch: compute capability
+    9.0 (Hopper) or later, compiled (the interpreter has no grid dependencies)."""
+    return device.type == "cuda" and not triton_interpreter_enabled() and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def pdl_meta(pdl: bool) -> dict:
+    """A weight-streaming kernel's meta-parameters for PDL: the PDL constexpr, which places
+    _await_inputs, and Triton's launch_pdl, which sets the launch attribute."""
+    return dict(PDL=True, launch_pdl=True) if pdl else dict(PDL=False)
 
 
 @triton.jit

@@ -43,6 +43,7 @@ from hf_fused.ops._common import (
     _kernel_flags,
     _normalized_tile,
     _round_to,
+    _await_inputs,
     _row_rstd,
     _weight_tile,
     cached_launch,
@@ -50,6 +51,7 @@ from hf_fused.ops._common import (
     eager_launchable,
     launch_norm,
     on_device_of,
+    pdl_meta,
     rmsnorm_ref,
     runs_triton,
     signature,
@@ -105,7 +107,7 @@ def _rmsnorm_gate_up_decode_kernel(
     M, I, K, rows_per_program,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
     eps: tl.constexpr,
-    GEMMA: tl.constexpr, GELU: tl.constexpr, INTERPRETED: tl.constexpr,
+    GEMMA: tl.constexpr, GELU: tl.constexpr, INTERPRETED: tl.constexpr, PDL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NORM_BLOCK_K: tl.constexpr,
 ):
     # rmsnorm_qkv's one-token kernel with two accumulators: output column n takes row n of Wg
@@ -121,6 +123,7 @@ def _rmsnorm_gate_up_decode_kernel(
     wu_ptrs = wg_ptrs + I * stride_wn
     wg_next = _weight_tile(wg_ptrs, 0, n_mask, K, stride_wk, BLOCK_K)
     wu_next = _weight_tile(wu_ptrs, 0, n_mask, K, stride_wk, BLOCK_K)
+    _await_inputs(PDL)
     rstd = _row_rstd(x_ptr, offs_m, M, K, stride_xm, stride_xk, eps, BLOCK_M, NORM_BLOCK_K)
     acc_g = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
@@ -141,10 +144,12 @@ def _rmsnorm_gate_up_decode_kernel(
 
 
 def decode_launch(
-    x, norm_weight, gate_up_weight, y, eps: float, gemma: bool, activation: str, config: DecodeConfig | None = None
+    x, norm_weight, gate_up_weight, y, eps: float, gemma: bool, activation: str, config: DecodeConfig | None = None,
+    pdl: bool = False,
 ) -> tuple[tuple[int], tuple, dict]:
     """The weight-streaming kernel's grid, runtime arguments (the four tensors first) and
-    meta-parameters: x (1, K), gate_up_weight (2I, K), y (1, I)."""
+    meta-parameters: x (1, K), gate_up_weight (2I, K), y (1, I); ``pdl`` launches it with
+    programmatic dependent launch (see pdl_meta)."""
     M, K = x.shape
     I = gate_up_weight.shape[0] // 2
     if config is None:
@@ -159,7 +164,7 @@ def decode_launch(
         M, I, K, rows_per_program,
         x.stride(0), x.stride(1), gate_up_weight.stride(0), gate_up_weight.stride(1), y.stride(0), y.stride(1),
     )
-    meta = dict(eps=eps, GELU=activation == "gelu_tanh", BLOCK_N=block_n, **_kernel_flags(gemma, config))
+    meta = dict(eps=eps, GELU=activation == "gelu_tanh", BLOCK_N=block_n, **_kernel_flags(gemma, config), **pdl_meta(pdl))
     return (grid,), args, meta
 
 

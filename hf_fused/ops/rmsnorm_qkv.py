@@ -41,6 +41,7 @@ from hf_fused.ops._common import (
     _normalized_tile,
     _round_to,
     _row_rstd,
+    _await_inputs,
     _sm_count,
     _weight_tile,
     cached_launch,
@@ -49,6 +50,7 @@ from hf_fused.ops._common import (
     h200_tuned,
     launch_norm,
     on_device_of,
+    pdl_meta,
     rmsnorm_ref,
     runs_triton,
     signature,
@@ -184,7 +186,7 @@ def _rmsnorm_qkv_decode_kernel(
     M, N, K, rows_per_program,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
     eps: tl.constexpr,
-    HAS_BIAS: tl.constexpr, GEMMA: tl.constexpr, INTERPRETED: tl.constexpr, IEEE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, GEMMA: tl.constexpr, INTERPRETED: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NORM_BLOCK_K: tl.constexpr,
 ):
     # Transposed product: acc[n, m] = sum_k W[n, k] * xn[m, k]. N is the long side here, so it
@@ -203,6 +205,7 @@ def _rmsnorm_qkv_decode_kernel(
         # the next weight tile is in flight while this one is multiplied, and the first one is
         # issued before the norm's reduction, which would otherwise leave the program idle.
         w_next = _weight_tile(w_ptrs, 0, n_mask, K, stride_wk, BLOCK_K)
+        _await_inputs(PDL)
         rstd = _row_rstd(x_ptr, offs_m, M, K, stride_xm, stride_xk, eps, BLOCK_M, NORM_BLOCK_K)
         acc_k = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
@@ -213,6 +216,7 @@ def _rmsnorm_qkv_decode_kernel(
             acc_k += w.to(tl.float32) * xn.to(tl.float32)
         acc = tl.sum(acc_k, axis=1)[:, None]
     else:
+        _await_inputs(PDL)
         rstd = _row_rstd(x_ptr, offs_m, M, K, stride_xm, stride_xk, eps, BLOCK_M, NORM_BLOCK_K)
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
@@ -305,10 +309,11 @@ def _rmsnorm_qkv_tma_kernel(
 
 
 def decode_launch(
-    x, norm_weight, qkv_weight, bias, y, eps: float, gemma: bool, config: DecodeConfig | None = None
+    x, norm_weight, qkv_weight, bias, y, eps: float, gemma: bool, config: DecodeConfig | None = None, pdl: bool = False
 ) -> tuple[tuple[int], tuple, dict]:
     """The weight-streaming kernel's grid, runtime arguments (the five tensors first) and
-    meta-parameters: x (M, K) with M <= DECODE_MAX_M, qkv_weight (N, K), y (M, N)."""
+    meta-parameters: x (M, K) with M <= DECODE_MAX_M, qkv_weight (N, K), y (M, N); ``pdl``
+    launches it with programmatic dependent launch (see pdl_meta)."""
     M, K = x.shape
     N = qkv_weight.shape[0]
     config = config or decode_config(M, N, K, x.device)
@@ -319,7 +324,7 @@ def decode_launch(
         x.stride(0), x.stride(1), qkv_weight.stride(0), qkv_weight.stride(1), y.stride(0), y.stride(1),
     )
     meta = dict(eps=eps, HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, BLOCK_N=block_n,
-                **_kernel_flags(gemma, config))
+                **_kernel_flags(gemma, config), **pdl_meta(pdl))
     return (grid,), args, meta
 
 

@@ -34,12 +34,14 @@ from hf_fused.ops._common import (
     EagerLaunch,
     _decode_split,
     _round_to,
+    _await_inputs,
     _weight_tile,
     cached_launch,
     check_operands,
     eager_launchable,
     h200_tuned,
     on_device_of,
+    pdl_meta,
     runs_triton,
     signature,
     triton_interpreter_enabled,
@@ -70,7 +72,7 @@ def _streaming_linear_kernel(
     x_ptr, w_ptr, b_ptr, r_ptr, y_ptr,
     N, K, rows_per_program,
     stride_xk, stride_wn, stride_wk,
-    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, INTERPRETED: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, INTERPRETED: tl.constexpr, PDL: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # Each program owns rows_per_program rows of W (BLOCK_N is that rounded up; masked rows cost
@@ -83,6 +85,7 @@ def _streaming_linear_kernel(
     n_mask = (rows < rows_per_program) & (offs_n < N)
     w_ptrs = w_ptr + offs_n[:, None] * stride_wn
     w_next = _weight_tile(w_ptrs, 0, n_mask, K, stride_wk, BLOCK_K)
+    _await_inputs(PDL)
     acc_k = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         w = w_next
@@ -100,17 +103,18 @@ def _streaming_linear_kernel(
 
 def stream_launch(
     x: Tensor, weight: Tensor, bias: Tensor | None, y: Tensor, config: StreamConfig | None = None,
-    residual: Tensor | None = None,
+    residual: Tensor | None = None, pdl: bool = False,
 ) -> tuple[tuple[int], tuple, dict]:
     """The streaming kernel's grid, runtime arguments (the five tensors first) and
-    meta-parameters: x (K,) or (1, K), weight (N, K), y and residual (N,) contiguous."""
+    meta-parameters: x (K,) or (1, K), weight (N, K), y and residual (N,) contiguous; ``pdl``
+    launches it with programmatic dependent launch (see pdl_meta)."""
     N, K = weight.shape
     config = config or stream_config(N, K, x.device)
     rows_per_program, block_n, grid = _decode_split(N, config.rows_per_program, 1, x.device)
     args = (x, weight, bias if bias is not None else y, residual if residual is not None else y, y,
             N, K, rows_per_program, x.stride(-1), weight.stride(0), weight.stride(1))
     meta = dict(HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, INTERPRETED=triton_interpreter_enabled(),
-                BLOCK_N=block_n, BLOCK_K=config.BLOCK_K, num_warps=config.num_warps)
+                BLOCK_N=block_n, BLOCK_K=config.BLOCK_K, num_warps=config.num_warps, **pdl_meta(pdl))
     return (grid,), args, meta
 
 

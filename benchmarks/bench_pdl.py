@@ -1,0 +1,136 @@
+"""Programmatic dependent launch (PDL) of the weight-streaming kernels, measured in a CUDA graph.
+
+A decode step is a chain of short kernels, each waiting for the one before. Launched with PDL, a
+weight-streaming kernel's programs start while the kernel before it drains and issue their
+first weight tiles before they wait (``_await_inputs`` in hf_fused/ops/_common.py). This times
+the decode step's four weight kernels of each layer (norm+qkv, o_proj + residual, norm+gate/up,
+down_proj + residual) over distinct per-layer weights, as one CUDA graph, with PDL off and on:
+
+- ``chain``: the four kernels back to back, layer after layer;
+- ``chain + plain``: a plain PyTorch kernel (not launched with PDL) after the QKV kernel, as the
+  rotary embedding and attention sit there in a model;
+- each op alone, over rotating weights: its µs per call beside the op benchmarks' tables.
+
+Every variant checks that PDL leaves the output bit for bit unchanged.
+
+    python benchmarks/bench_pdl.py --shape llama3-8b --layers 8 --out out/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import environment, measure_copy_bandwidth, time_graph  # noqa: E402
+
+from hf_fused.models import SHAPES  # noqa: E402
+from hf_fused.ops import rmsnorm_gate_up as gate_up_op  # noqa: E402
+from hf_fused.ops import rmsnorm_qkv as qkv_op  # noqa: E402
+from hf_fused.ops import streaming_linear as linear_op  # noqa: E402
+
+
+def launcher(kernel, launch):
+    grid, args, meta = launch
+    return lambda: kernel[grid](*args, **meta)
+
+
+class Layer:
+    """One decoder layer's weights and activation buffers, and its four kernel launches."""
+
+    def __init__(self, shape, x: torch.Tensor, dtype: torch.dtype) -> None:
+        K, I = shape["hidden_size"], shape["intermediate_size"]
+        head_dim = K // shape["num_attention_heads"]
+        N = K + 2 * shape["num_key_value_heads"] * head_dim
+        dev = x.device
+
+        def weight(*size):
+            return torch.randn(*size, device=dev, dtype=dtype) * size[-1] ** -0.5
+
+        self.x = x
+        self.norm1, self.norm2 = 1 + 0.1 * torch.randn(K, device=dev, dtype=dtype), 1 + 0.1 * torch.randn(K, device=dev, dtype=dtype)
+        self.w_qkv, self.w_o, self.w_gate_up, self.w_down = weight(N, K), weight(K, K), weight(2 * I, K), weight(K, I)
+        self.qkv = torch.empty(1, N, device=dev, dtype=dtype)
+        self.h = torch.empty(K, device=dev, dtype=dtype)
+        self.act = torch.empty(1, I, device=dev, dtype=dtype)
+        self.out = torch.empty(K, device=dev, dtype=dtype)
+        self.buffers = (self.qkv, self.h, self.act, self.out)
+        self.bytes = sum(w.numel() * w.element_size() for w in (self.w_qkv, self.w_o, self.w_gate_up, self.w_down))
+
+    def calls(self, pdl: bool, plain_between: bool) -> list:
+        K = self.x.shape[-1]
+        x2 = self.x.view(1, K)
+        qkv = launcher(qkv_op._rmsnorm_qkv_decode_kernel,
+                       qkv_op.decode_launch(x2, self.norm1, self.w_qkv, None, self.qkv, 1e-5, False, pdl=pdl))
+        # The attention output stands in as the first K columns of qkv.
+        attn = self.qkv[0, :K]
+        o = launcher(linear_op._streaming_linear_kernel,
+                     linear_op.stream_launch(attn, self.w_o, None, self.h, residual=self.x.view(K), pdl=pdl))
+        gu = launcher(gate_up_op._rmsnorm_gate_up_decode_kernel,
+                      gate_up_op.decode_launch(self.h.view(1, K), self.norm2, self.w_gate_up, self.act, 1e-5, False,
+                                               "silu", pdl=pdl))
+        down = launcher(linear_op._streaming_linear_kernel,
+                        linear_op.stream_launch(self.act.view(-1), self.w_down, None, self.out, residual=self.h, pdl=pdl))
+        plain = [lambda: self.qkv.mul_(1.0)] if plain_between else []
+        return [qkv, *plain, o, gu, down]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--replays", type=int, default=50)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    dtype, dev = torch.bfloat16, torch.device("cuda")
+    shape = SHAPES[args.shape]
+    bandwidth = measure_copy_bandwidth()
+    x = torch.randn(shape["hidden_size"], device=dev, dtype=dtype)
+    layers = []
+    for _ in range(args.layers):
+        layers.append(Layer(shape, x, dtype))
+        x = layers[-1].out  # each layer reads the one before's output
+
+    def run(pdl: bool, plain: bool, select=None) -> tuple[float, torch.Tensor]:
+        calls = [c for layer in layers for i, c in enumerate(layer.calls(pdl, plain)) if select is None or i == select]
+        us = time_graph(calls, replays=args.replays) * len(calls)
+        return us, torch.cat([b.view(-1) for b in layers[-1].buffers])
+
+    rows = []
+    for name, plain, select, nbytes in [
+        ("chain", False, None, sum(layer.bytes for layer in layers)),
+        ("chain + plain", True, None, sum(layer.bytes for layer in layers)),
+        ("norm+qkv alone", False, 0, sum(layer.w_qkv.numel() * 2 for layer in layers)),
+        ("o_proj alone", False, 1, sum(layer.w_o.numel() * 2 for layer in layers)),
+        ("norm+gate/up alone", False, 2, sum(layer.w_gate_up.numel() * 2 for layer in layers)),
+        ("down_proj alone", False, 3, sum(layer.w_down.numel() * 2 for layer in layers)),
+    ]:
+        off_us, off_out = run(False, plain, select)
+        on_us, on_out = run(True, plain, select)
+        per = len(layers)
+        floor = nbytes / bandwidth * 1e6
+        rows.append(dict(variant=name, off_us=off_us / per, on_us=on_us / per, floor_us=floor / per,
+                         same_output=bool(torch.equal(off_out, on_out))))
+    env = environment()
+    print(f"{args.shape}, bf16, {args.layers} layers, µs per layer (per call for one op alone); "
+          f"{env['gpu']}, torch {env['torch']}, triton {triton.__version__}; copy {bandwidth / 1e9:.0f} GB/s")
+    print("| variant | PDL off µs | PDL on µs | on / off | floor µs | on % of floor | same output |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['variant']} | {r['off_us']:.1f} | {r['on_us']:.1f} | {r['on_us'] / r['off_us']:.3f} | "
+              f"{r['floor_us']:.1f} | {100 * r['floor_us'] / r['on_us']:.0f}% | {r['same_output']} |")
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        path = args.out / f"bench_pdl_{args.shape}.json"
+        path.write_text(json.dumps(dict(environment=env, shape=args.shape, layers=args.layers,
+                                        bandwidth=bandwidth, rows=rows), indent=1))
+
+
+if __name__ == "__main__":
+    main()
