@@ -20,6 +20,8 @@
 #   bash benchmarks/gpu_session.sh static      # static-cache generate profiled (SmolLM2), with Inductor's code
 #   bash benchmarks/gpu_session.sh tune        # the QKV kernel's config sweep at M = 16
 #   bash benchmarks/gpu_session.sh pdl         # the weight kernels with and without programmatic dependent launch, in a CUDA graph
+#   bash benchmarks/gpu_session.sh pdl-tps     # PDL's GPU tests; the 8B fast loop and static-cache generate with PDL off,
+#                                              # then on, each process with its own baseline; compiled decoding's tests
 #   bash benchmarks/gpu_session.sh ncu         # Nsight Compute on the 8B one-token QKV kernel
 #
 # Sizing: on an H200 a compare_tps cell of a compiled mode takes 30 to 60 s (compile and CUDA-graph
@@ -139,6 +141,16 @@ pdl)
     for shape in llama3-8b llama3.2-1b smollm2-135m; do
         step 90 "bench_pdl_$shape.txt" python3 benchmarks/bench_pdl.py --shape "$shape" --out "$out"
     done
+    ;;
+pdl-tps)
+    step 90 tests_pdl.txt python3 -m pytest -q -p no:cacheprovider tests/test_eager_launch.py
+    tps=(python3 examples/compare_tps.py --shape llama3-8b --modes fast-loop,hf-static --batch-sizes 1 --new-tokens 64
+        --repeats 2 --peers none)
+    HF_FUSED_PDL=0 step 170 tps_8b_pdl_off.txt "${tps[@]}" --out "$out/pdl_off"
+    step 170 tps_8b_pdl_on.txt "${tps[@]}" --out "$out/pdl_on"
+    # Compiled decoding takes the launch ops, PDL included: greedy tokens against stock's.
+    step 150 tests_pdl_compiled.txt python3 -m pytest -q -p no:cacheprovider tests/test_patch_gpu.py \
+        -k "compiled_decode_with_every_fusion or static_cache"
     ;;
 ncu)
     step 120 ncu_qkv_8b.txt ncu --clock-control none -k regex:rmsnorm_qkv --launch-skip 3 --launch-count 1 \

@@ -14,6 +14,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase, TextStreamer
 
 from hf_fused.models import DEFAULT_MODEL, SHAPES, load_model
+from hf_fused.ops._common import pdl_supported
 from hf_fused.patches.fused import FusedNorm, StreamingLinear
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -121,7 +122,8 @@ def token_streamer(tokenizer: PreTrainedTokenizerBase | None) -> TextStreamer | 
 def kernel_path(device: torch.device) -> str:
     """Which implementation of the fused op runs for tensors on ``device``."""
     if device.type == "cuda":
-        return "Triton on CUDA"
+        # The weight-streaming kernels launch with PDL on Hopper and later unless HF_FUSED_PDL=0.
+        return "Triton on CUDA" + ("" if pdl_supported(device) else ", no PDL")
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         return "Triton interpreter on CPU"
     return "PyTorch reference on CPU"

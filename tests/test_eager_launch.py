@@ -106,3 +106,115 @@ def test_the_launch_cache_keeps_the_newest_signatures(monkeypatch):
         common.cached_launch(cache, (key,), lambda key=key: built.append(key) or f"launch {key}")
     assert list(cache) == [(2,), (3,), (4,)] and built == [0, 1, 2, 3, 4]
     assert common.cached_launch(cache, (4,), lambda: "rebuilt") == "launch 4"
+
+
+def graph_targets(fn, *args) -> list[str]:
+    """The ops of the graph that torch.compile traces from fn, by name."""
+    targets = []
+
+    def backend(gm, example_inputs):
+        targets.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        return gm
+
+    torch._dynamo.reset()
+    out = torch.compile(fn, backend=backend, fullgraph=True)(*args)
+    return targets, out
+
+
+@pytest.mark.parametrize("op", list(OP_MODULES))
+def test_compiled_decode_calls_take_the_launch_op(op):
+    """A traced one-token call takes the op's launch op (the eager launch, PDL included, behind an
+    opaque op) and computes what the eager call does; a call autograd must record takes the
+    registered op."""
+    K, N = SHAPES[0]
+    bias = op != "rmsnorm_gate_up"
+    eager, _ = calls(*operands(K, N, torch.bfloat16, bias=bias))[op]
+    with torch.no_grad():
+        want = eager()
+        targets, got = graph_targets(lambda: eager())
+    assert f"hf_fused.{op}_launch" in targets, targets
+    assert torch.equal(got, want)
+
+    x, norm_weight, weight, b = operands(K, N, torch.bfloat16, bias=bias)
+    weight.requires_grad_()
+    targets, _ = graph_targets(lambda: calls(x, norm_weight, weight, b)[op][0]())
+    assert f"hf_fused.{op}_launch" not in targets and f"hf_fused.{op}" in targets, targets
+
+
+def test_pdl_is_off_where_it_cannot_run(monkeypatch):
+    common = importlib.import_module("hf_fused.ops._common")
+    assert common.pdl_meta(False) == {"PDL": False}, "launch_pdl must not reach a launch without PDL"
+    assert not common.pdl_supported(torch.device("cpu"))
+    if CUDA:
+        monkeypatch.setenv("HF_FUSED_PDL", "0")
+        common.pdl_supported.cache_clear()
+        try:
+            assert not common.pdl_supported(torch.device("cuda", torch.cuda.current_device()))
+        finally:
+            monkeypatch.delenv("HF_FUSED_PDL")
+            common.pdl_supported.cache_clear()
+
+
+@pytest.mark.skipif(not CUDA or torch.cuda.get_device_capability()[0] < 9, reason="PDL needs a Hopper GPU or later")
+def test_pdl_chain_in_a_cuda_graph_matches_launches_without_it():
+    """Two layers' weight kernels, each reading the one before's output, captured in one CUDA
+    graph: launched with PDL they must give bit for bit what they give without it. A kernel
+    that read its inputs before its wait would read the previous replay's values."""
+    qkv_mod, gate_up_mod, linear_mod = (OP_MODULES[name] for name in ("rmsnorm_qkv", "rmsnorm_gate_up", "streaming_linear"))
+    K, I, dtype = 4096, 14336, torch.bfloat16
+    generator = torch.Generator().manual_seed(0)
+
+    def rand(*size, scale=1.0):
+        return (torch.randn(*size, generator=generator) * scale).to(DEVICE, dtype)
+
+    x = rand(1, K)
+    layers = [dict(norm=rand(K, scale=0.1) + 1, w_qkv=rand(6144, K, scale=K**-0.5), w_o=rand(K, K, scale=K**-0.5),
+                   w_gu=rand(2 * I, K, scale=K**-0.5), w_down=rand(K, I, scale=I**-0.5)) for _ in range(2)]
+
+    def chain(pdl: bool) -> tuple[list, list]:
+        launches, outs, h_in = [], [], x
+        for layer in layers:
+            qkv, h, act, out = (torch.empty(n, device=DEVICE, dtype=dtype) for n in (6144, K, I, K))
+            steps = [
+                (qkv_mod._rmsnorm_qkv_decode_kernel,
+                 qkv_mod.decode_launch(h_in, layer["norm"], layer["w_qkv"], None, qkv.view(1, -1), EPS, False, pdl=pdl)),
+                (linear_mod._streaming_linear_kernel,
+                 linear_mod.stream_launch(qkv[:K], layer["w_o"], None, h, residual=h_in.view(-1), pdl=pdl)),
+                (gate_up_mod._rmsnorm_gate_up_decode_kernel,
+                 gate_up_mod.decode_launch(h.view(1, K), layer["norm"], layer["w_gu"], act.view(1, -1), EPS, False,
+                                           "silu", pdl=pdl)),
+                (linear_mod._streaming_linear_kernel,
+                 linear_mod.stream_launch(act, layer["w_down"], None, out, residual=h, pdl=pdl)),
+            ]
+            launches += [(kernel, *launch) for kernel, launch in steps]
+            outs += [qkv, h, act, out]
+            h_in = out.view(1, K)
+        return launches, outs
+
+    def run(pdl: bool, replays: int = 3) -> list[list]:
+        launches, outs = chain(pdl)
+        assert all(bool(meta.get("launch_pdl")) == pdl for _, _, _, meta in launches)
+
+        def step():
+            for kernel, grid, args, meta in launches:
+                kernel[grid](*args, **meta)
+
+        step()  # compiles, outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        results = []
+        for _ in range(replays):
+            # Poisoned before each replay: an input read ahead of its producer reads NaN.
+            for buffer in outs:
+                buffer.fill_(float("nan"))
+            graph.replay()
+            torch.cuda.synchronize()
+            results.append([buffer.clone() for buffer in outs])
+        return results
+
+    want = run(False, replays=1)[0]
+    assert not any(buffer.isnan().any() for buffer in want)
+    for replay in run(True):
+        for got, expected in zip(replay, want):
+            assert torch.equal(got, expected)

@@ -16,9 +16,9 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from torch._subclasses.fake_tensor import is_fake
 from torch.library import wrap_triton
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 NORM_STYLES = ("llama", "gemma")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -169,10 +169,14 @@ def _await_inputs(PDL: tl.constexpr):
         gdc_wait()
 
 
+@functools.cache
 def pdl_supported(device: torch.device) -> bool:
-    """Whether kernels on ``device`` can take programmatic dependent launch: compute capability
-    9.0 (Hopper) or later, compiled (the interpreter has no grid dependencies)."""
-    return device.type == "cuda" and not triton_interpreter_enabled() and torch.cuda.get_device_capability(device)[0] >= 9
+    """Whether the weight-streaming kernels launch on ``device`` with programmatic dependent
+    launch: compute capability 9.0 (Hopper) or later, compiled (the interpreter has no grid
+    dependencies), and not switched off with HF_FUSED_PDL=0."""
+    if os.environ.get("HF_FUSED_PDL", "1") == "0" or device.type != "cuda" or triton_interpreter_enabled():
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def pdl_meta(pdl: bool) -> dict:
@@ -272,6 +276,20 @@ def eager_launchable(x: Tensor, *tensors: Tensor | None) -> bool:
     if torch.compiler.is_compiling() or not (x.is_cuda or (x.device.type == "cpu" and triton_interpreter_enabled())):
         return False
     if x.dtype not in KERNEL_DTYPES:
+        return False
+    return not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (x, *tensors))
+
+
+def compiled_launchable(x: Tensor, *tensors: Tensor | None) -> bool:
+    """Whether a call that torch.compile traces takes an op's launch op (``hf_fused::*_launch``),
+    where the eager call would take an EagerLaunch.
+
+    Inductor launches a registered triton_op's kernel itself, and cannot launch it with PDL
+    (pdl_meta). A launch op is opaque to Inductor: its body is the eager call, which launches
+    the kernel as eager code does, PDL included. Under CUDA graphs (transformers' static-cache
+    compile and hf_fused.generate both use them) that body runs once, at capture.
+    """
+    if not torch.compiler.is_compiling() or not kernel_runs(x):
         return False
     return not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (x, *tensors))
 

@@ -48,10 +48,12 @@ from hf_fused.ops._common import (
     _weight_tile,
     cached_launch,
     check_inputs,
+    compiled_launchable,
     eager_launchable,
     launch_norm,
     on_device_of,
     pdl_meta,
+    pdl_supported,
     rmsnorm_ref,
     runs_triton,
     signature,
@@ -230,13 +232,27 @@ def _eager_decode(
     def build() -> EagerLaunch:
         _check_inputs(x, norm_weight, gate_up_weight, norm_style, activation)
         grid, args, meta = decode_launch(x.view(-1, x.shape[-1]), norm_weight, gate_up_weight,
-                                         y.view(-1, out_shape[-1]), eps, norm_style == "gemma", activation)
+                                         y.view(-1, out_shape[-1]), eps, norm_style == "gemma", activation,
+                                         pdl=pdl_supported(x.device))
         return EagerLaunch(_rmsnorm_gate_up_decode_kernel, grid, args, meta, n_tensors=4)
 
     launch = cached_launch(_EAGER_LAUNCHES, key, build)
     with on_device_of(x):
         launch(x, norm_weight, gate_up_weight, y)
     return y
+
+
+@torch.library.custom_op("hf_fused::rmsnorm_gate_up_launch", mutates_args=())
+def _rmsnorm_gate_up_launch_op(
+    x: Tensor, norm_weight: Tensor, gate_up_weight: Tensor, eps: float, norm_style: str, activation: str
+) -> Tensor:
+    """One token in compiled code, launched as eager code launches it (see compiled_launchable)."""
+    return rmsnorm_gate_up(x, norm_weight, gate_up_weight, eps=eps, norm_style=norm_style, activation=activation)
+
+
+@_rmsnorm_gate_up_launch_op.register_fake
+def _(x: Tensor, norm_weight: Tensor, gate_up_weight: Tensor, eps: float, norm_style: str, activation: str) -> Tensor:
+    return x.new_empty((*x.shape[:-1], gate_up_weight.shape[0] // 2))
 
 
 def rmsnorm_gate_up(
@@ -262,13 +278,12 @@ def rmsnorm_gate_up(
         (..., I) in x's dtype. CUDA tensors run the Triton kernels; CPU tensors run the same
         math in PyTorch, or the kernels in Triton's interpreter when TRITON_INTERPRET=1.
     """
-    if (
-        eager_launchable(x, norm_weight, gate_up_weight)
-        and x.is_contiguous()
-        and x.numel() == x.shape[-1]
-    ):
+    one_token = x.is_contiguous() and x.numel() == x.shape[-1]
+    if one_token and eager_launchable(x, norm_weight, gate_up_weight):
         return _eager_decode(x, norm_weight, gate_up_weight, eps, norm_style, activation)
     _check_inputs(x, norm_weight, gate_up_weight, norm_style, activation)
+    if one_token and compiled_launchable(x, norm_weight, gate_up_weight):
+        return torch.ops.hf_fused.rmsnorm_gate_up_launch(x, norm_weight, gate_up_weight, eps, norm_style, activation)
     with on_device_of(x):
         return torch.ops.hf_fused.rmsnorm_gate_up(x, norm_weight, gate_up_weight, eps, norm_style == "gemma", activation)
 

@@ -46,11 +46,13 @@ from hf_fused.ops._common import (
     _weight_tile,
     cached_launch,
     check_inputs,
+    compiled_launchable,
     eager_launchable,
     h200_tuned,
     launch_norm,
     on_device_of,
     pdl_meta,
+    pdl_supported,
     rmsnorm_ref,
     runs_triton,
     signature,
@@ -424,13 +426,33 @@ def _eager_decode(x: Tensor, norm_weight: Tensor, qkv_weight: Tensor, bias: Tens
     def build() -> EagerLaunch:
         _check_inputs(x, norm_weight, qkv_weight, bias, norm_style)
         grid, args, meta = decode_launch(x.view(-1, x.shape[-1]), norm_weight, qkv_weight, bias,
-                                         y.view(-1, out_shape[-1]), eps, norm_style == "gemma")
+                                         y.view(-1, out_shape[-1]), eps, norm_style == "gemma",
+                                         pdl=pdl_supported(x.device))
         return EagerLaunch(_rmsnorm_qkv_decode_kernel, grid, args, meta, n_tensors=5)
 
     launch = cached_launch(_EAGER_LAUNCHES, key, build)
     with on_device_of(x):
         launch(x, norm_weight, qkv_weight, bias if bias is not None else y, y)
     return y
+
+
+@torch.library.custom_op("hf_fused::rmsnorm_qkv_launch", mutates_args=())
+def _rmsnorm_qkv_launch_op(
+    x: Tensor, norm_weight: Tensor, qkv_weight: Tensor, bias: Tensor | None, eps: float, norm_style: str
+) -> Tensor:
+    """A decode call in compiled code, launched as eager code launches it (see compiled_launchable)."""
+    return rmsnorm_qkv(x, norm_weight, qkv_weight, bias, eps=eps, norm_style=norm_style)
+
+
+@_rmsnorm_qkv_launch_op.register_fake
+def _(x: Tensor, norm_weight: Tensor, qkv_weight: Tensor, bias: Tensor | None, eps: float, norm_style: str) -> Tensor:
+    return x.new_empty((*x.shape[:-1], qkv_weight.shape[0]))
+
+
+def _decodes(x: Tensor) -> bool:
+    """Whether a call takes the weight-streaming kernel through a launch of its own (eager, or
+    the launch op when traced): x contiguous, decode-sized."""
+    return x.is_contiguous() and streams_weights(x.numel() // max(x.shape[-1], 1), x.dtype)
 
 
 def rmsnorm_qkv(
@@ -456,13 +478,11 @@ def rmsnorm_qkv(
         (..., N) in x's dtype. CUDA tensors run the Triton kernels; CPU tensors run the same
         math in PyTorch, or the kernels in Triton's interpreter when TRITON_INTERPRET=1.
     """
-    if (
-        eager_launchable(x, norm_weight, qkv_weight, bias)
-        and x.is_contiguous()
-        and streams_weights(x.numel() // max(x.shape[-1], 1), x.dtype)
-    ):
+    if eager_launchable(x, norm_weight, qkv_weight, bias) and _decodes(x):
         return _eager_decode(x, norm_weight, qkv_weight, bias, eps, norm_style)
     _check_inputs(x, norm_weight, qkv_weight, bias, norm_style)
+    if compiled_launchable(x, norm_weight, qkv_weight, bias) and _decodes(x):
+        return torch.ops.hf_fused.rmsnorm_qkv_launch(x, norm_weight, qkv_weight, bias, eps, norm_style)
     with on_device_of(x):
         return torch.ops.hf_fused.rmsnorm_qkv(x, norm_weight, qkv_weight, bias, eps, norm_style == "gemma")
 

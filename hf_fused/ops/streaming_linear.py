@@ -38,10 +38,12 @@ from hf_fused.ops._common import (
     _weight_tile,
     cached_launch,
     check_operands,
+    compiled_launchable,
     eager_launchable,
     h200_tuned,
     on_device_of,
     pdl_meta,
+    pdl_supported,
     runs_triton,
     signature,
     triton_interpreter_enabled,
@@ -173,13 +175,24 @@ def _eager_stream(x: Tensor, weight: Tensor, bias: Tensor | None, residual: Tens
 
     def build() -> EagerLaunch:
         _check_inputs(x, weight, bias, residual)
-        grid, args, meta = stream_launch(x, weight, bias, y, residual=residual)
+        grid, args, meta = stream_launch(x, weight, bias, y, residual=residual, pdl=pdl_supported(x.device))
         return EagerLaunch(_streaming_linear_kernel, grid, args, meta, n_tensors=5)
 
     launch = cached_launch(_EAGER_LAUNCHES, signature(x, weight, bias, residual), build)
     with on_device_of(x):
         launch(x, weight, bias if bias is not None else y, residual if residual is not None else y, y)
     return y
+
+
+@torch.library.custom_op("hf_fused::streaming_linear_launch", mutates_args=())
+def _streaming_linear_launch_op(x: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor | None) -> Tensor:
+    """One token in compiled code, launched as eager code launches it (see compiled_launchable)."""
+    return streaming_linear(x, weight, bias, residual)
+
+
+@_streaming_linear_launch_op.register_fake
+def _(x: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor | None) -> Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 def streaming_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, residual: Tensor | None = None) -> Tensor:
@@ -204,6 +217,8 @@ def streaming_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, resi
             _check_inputs(x, weight, bias, residual)  # a wrong residual would broadcast
         return linear_ref(x, weight, bias, residual)
     _check_inputs(x, weight, bias, residual)
+    if x.numel() == x.shape[-1] and compiled_launchable(x, weight, bias, residual):
+        return torch.ops.hf_fused.streaming_linear_launch(x, weight, bias, residual)
     with on_device_of(x):
         return torch.ops.hf_fused.streaming_linear(x, weight, bias, residual)
 
