@@ -218,3 +218,13 @@ def test_pdl_chain_in_a_cuda_graph_matches_launches_without_it():
     for replay in run(True):
         for got, expected in zip(replay, want):
             assert torch.equal(got, expected)
+
+
+def test_the_launch_ops_pass_opcheck():
+    """Each launch op's fake (what torch.compile traces) agrees with what it runs."""
+    K, N = SHAPES[0]
+    x, norm_weight, weight, bias = operands(K, N, torch.bfloat16, bias=True)
+    torch.library.opcheck(torch.ops.hf_fused.rmsnorm_qkv_launch, (x, norm_weight, weight, bias, EPS, "llama"))
+    torch.library.opcheck(torch.ops.hf_fused.rmsnorm_gate_up_launch, (x, norm_weight, weight, EPS, "gemma", "silu"))
+    residual = torch.randn(1, 1, N, device=DEVICE, dtype=torch.bfloat16)
+    torch.library.opcheck(torch.ops.hf_fused.streaming_linear_launch, (x, weight, bias, residual))

@@ -247,7 +247,7 @@ def _rmsnorm_gate_up_launch_op(
     x: Tensor, norm_weight: Tensor, gate_up_weight: Tensor, eps: float, norm_style: str, activation: str
 ) -> Tensor:
     """One token in compiled code, launched as eager code launches it (see compiled_launchable)."""
-    return rmsnorm_gate_up(x, norm_weight, gate_up_weight, eps=eps, norm_style=norm_style, activation=activation)
+    return _eager_decode(x, norm_weight, gate_up_weight, eps, norm_style, activation)
 
 
 @_rmsnorm_gate_up_launch_op.register_fake

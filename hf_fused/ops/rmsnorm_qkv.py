@@ -441,7 +441,7 @@ def _rmsnorm_qkv_launch_op(
     x: Tensor, norm_weight: Tensor, qkv_weight: Tensor, bias: Tensor | None, eps: float, norm_style: str
 ) -> Tensor:
     """A decode call in compiled code, launched as eager code launches it (see compiled_launchable)."""
-    return rmsnorm_qkv(x, norm_weight, qkv_weight, bias, eps=eps, norm_style=norm_style)
+    return _eager_decode(x, norm_weight, qkv_weight, bias, eps, norm_style)
 
 
 @_rmsnorm_qkv_launch_op.register_fake

@@ -187,7 +187,7 @@ def _eager_stream(x: Tensor, weight: Tensor, bias: Tensor | None, residual: Tens
 @torch.library.custom_op("hf_fused::streaming_linear_launch", mutates_args=())
 def _streaming_linear_launch_op(x: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor | None) -> Tensor:
     """One token in compiled code, launched as eager code launches it (see compiled_launchable)."""
-    return streaming_linear(x, weight, bias, residual)
+    return _eager_stream(x, weight, bias, residual)
 
 
 @_streaming_linear_launch_op.register_fake
