@@ -108,8 +108,8 @@ def test_the_launch_cache_keeps_the_newest_signatures(monkeypatch):
     assert common.cached_launch(cache, (4,), lambda: "rebuilt") == "launch 4"
 
 
-def graph_targets(fn, *args) -> list[str]:
-    """The ops of the graph that torch.compile traces from fn, by name."""
+def graph_targets(fn, *args) -> tuple[list[str], object]:
+    """The ops of the graph that torch.compile traces from fn, by name, and fn's output."""
     targets = []
 
     def backend(gm, example_inputs):

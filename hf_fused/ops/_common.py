@@ -268,16 +268,17 @@ def launch_norm(x, norm_weight, y, eps: float, gemma: bool) -> None:
 # and replay a kernel that Triton compiled on the first call of the same signature.
 
 
+def _records_no_grad(*tensors: Tensor | None) -> bool:
+    """Whether autograd has nothing to record for a call on these tensors."""
+    return not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in tensors)
+
+
 def eager_launchable(x: Tensor, *tensors: Tensor | None) -> bool:
     """Whether a call may take an EagerLaunch: eager CUDA code in a kernel dtype, with no autograd
     graph to record."""
-    # Traced code takes the registered op; under the interpreter, real CPU tensors take this
-    # path too, so that CI runs it.
-    if torch.compiler.is_compiling() or not (x.is_cuda or (x.device.type == "cpu" and triton_interpreter_enabled())):
-        return False
-    if x.dtype not in KERNEL_DTYPES:
-        return False
-    return not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (x, *tensors))
+    # Traced code takes a launch op or the registered op (compiled_launchable); under the
+    # interpreter, real CPU tensors take this path too, so that CI runs it.
+    return not torch.compiler.is_compiling() and kernel_runs(x) and _records_no_grad(x, *tensors)
 
 
 def compiled_launchable(x: Tensor, *tensors: Tensor | None) -> bool:
@@ -289,9 +290,7 @@ def compiled_launchable(x: Tensor, *tensors: Tensor | None) -> bool:
     the kernel as eager code does, PDL included. Under CUDA graphs (transformers' static-cache
     compile and hf_fused.generate both use them) that body runs once, at capture.
     """
-    if not torch.compiler.is_compiling() or not kernel_runs(x):
-        return False
-    return not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (x, *tensors))
+    return torch.compiler.is_compiling() and kernel_runs(x) and _records_no_grad(x, *tensors)
 
 
 def signature(*tensors: Tensor | None) -> tuple:

@@ -39,11 +39,11 @@ from torch.library import triton_op, wrap_triton
 from hf_fused.ops._autograd import register_reference_backward
 from hf_fused.ops._common import (
     EagerLaunch,
+    _await_inputs,
     _decode_split,
     _kernel_flags,
     _normalized_tile,
     _round_to,
-    _await_inputs,
     _row_rstd,
     _weight_tile,
     cached_launch,

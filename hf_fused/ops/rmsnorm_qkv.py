@@ -35,13 +35,13 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from hf_fused.ops._autograd import register_reference_backward
 from hf_fused.ops._common import (
     EagerLaunch,
+    _await_inputs,
     _decode_split,
     _dot,
     _kernel_flags,
     _normalized_tile,
     _round_to,
     _row_rstd,
-    _await_inputs,
     _sm_count,
     _weight_tile,
     cached_launch,

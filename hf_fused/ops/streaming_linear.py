@@ -32,9 +32,9 @@ from torch.library import triton_op, wrap_triton
 from hf_fused.ops._autograd import register_reference_backward
 from hf_fused.ops._common import (
     EagerLaunch,
+    _await_inputs,
     _decode_split,
     _round_to,
-    _await_inputs,
     _weight_tile,
     cached_launch,
     check_operands,
