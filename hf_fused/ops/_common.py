@@ -278,7 +278,9 @@ def eager_launchable(x: Tensor, *tensors: Tensor | None) -> bool:
     graph to record."""
     # Traced code takes a launch op or the registered op (compiled_launchable); under the
     # interpreter, real CPU tensors take this path too, so that CI runs it.
-    return not torch.compiler.is_compiling() and kernel_runs(x) and _records_no_grad(x, *tensors)
+    if torch.compiler.is_compiling() or not (x.is_cuda or (x.device.type == "cpu" and triton_interpreter_enabled())):
+        return False
+    return x.dtype in KERNEL_DTYPES and _records_no_grad(x, *tensors)
 
 
 def compiled_launchable(x: Tensor, *tensors: Tensor | None) -> bool:
