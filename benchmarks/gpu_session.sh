@@ -18,6 +18,7 @@
 #   bash benchmarks/gpu_session.sh tune-tma    # the TMA prefill kernel's config sweep, 8B and 70B, M = 2048, 16384
 #   bash benchmarks/gpu_session.sh ablate-tma  # the TMA kernel with the norm's work switched on piece by piece, beside cuBLAS
 #   bash benchmarks/gpu_session.sh static      # static-cache generate profiled (SmolLM2), with Inductor's code
+#   bash benchmarks/gpu_session.sh static-8b   # static-cache generate profiled at the 8B shape, with its host events
 #   bash benchmarks/gpu_session.sh tune        # the QKV kernel's config sweep at M = 16
 #   bash benchmarks/gpu_session.sh pdl         # the weight kernels with and without programmatic dependent launch, in a CUDA graph
 #   bash benchmarks/gpu_session.sh pdl-tps     # PDL's GPU tests; the 8B fast loop and static-cache generate with PDL off,
@@ -126,6 +127,10 @@ static)
         --repeats 2 --out "$out"
     find "$TORCHINDUCTOR_CACHE_DIR" -name '*.py' -size +40k | tar czf "$out/inductor_code.tgz" -T -
     ;;
+static-8b)
+    step 300 static_8b.txt python3 benchmarks/profile_hf_static.py --shape llama3-8b --new-tokens 48 --repeats 2 \
+        --out "$out"
+    ;;
 tune)
     step 240 tune_qkv_m16.txt python3 benchmarks/tune_rmsnorm_qkv.py --ms 16 --shapes llama3-8b,llama3-70b \
         --out "$out/tune_qkv_m16.json"
@@ -158,7 +163,7 @@ ncu)
         --section WarpStateStats --section SchedulerStats python3 benchmarks/ncu_target.py --op rmsnorm_qkv --m 1
     ;;
 *)
-    echo "usage: bash benchmarks/gpu_session.sh rope|tests|compiled|profile|tps8b|tps8b-b4|eager-order|tps-smollm2|ops|ops-prefill|static|tune|tune-tma|ablate-tma|ncu" >&2
+    echo "usage: bash benchmarks/gpu_session.sh rope|tests|compiled|profile|tps8b|tps8b-b4|eager-order|tps-smollm2|ops|ops-prefill|static|static-8b|tune|tune-tma|ablate-tma|ncu" >&2
     exit 2
     ;;
 esac

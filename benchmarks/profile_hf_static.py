@@ -18,6 +18,8 @@ variant (the stock model, then the same object patched) this reports:
                          kernel: one graph replay and no kernel launch is a whole-step graph;
                          more graphs mean Inductor partitioned the step around ops it would not
                          capture, and each piece then costs its own host time
+  host events            the host events that take most time per decode step, each variant's own
+                         (--host-events N rows): where the host-only time goes
 """
 
 from __future__ import annotations
@@ -63,24 +65,31 @@ GRAPH_LAUNCHES = ("cudaGraphLaunch",)
 KERNEL_LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
 
 
-def profiled_run(model, ids: torch.Tensor, new_tokens: int) -> dict:
-    """Kernel µs, graph replays and kernel launches of one run, from torch.profiler."""
+def profiled_run(model, ids: torch.Tensor, new_tokens: int) -> tuple[dict, dict]:
+    """Kernel µs, graph replays and kernel launches of one run, and each host event's total µs,
+    from torch.profiler."""
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=activities) as prof:
         static_generate(model, ids, new_tokens)
         torch.cuda.synchronize()
     events = prof.events()
-    return {
+    counts = {
         "gpu_us": sum(e.time_range.elapsed_us() for e in events if e.device_type == DeviceType.CUDA),
         "graph_launches": sum(e.name in GRAPH_LAUNCHES for e in events),
         "kernel_launches": sum(e.name in KERNEL_LAUNCHES for e in events),
     }
+    host_us = {e.key: e.cpu_time_total for e in prof.key_averages() if e.device_type == DeviceType.CPU}
+    return counts, host_us
 
 
-def per_decode_step(model, ids: torch.Tensor, new_tokens: int) -> dict:
-    """profiled_run's counts per decode step: a whole run's minus its prefill-only run's."""
-    full, prefill = profiled_run(model, ids, new_tokens), profiled_run(model, ids, 1)
-    return {name: (full[name] - prefill[name]) / (new_tokens - 1) for name in full}
+def per_decode_step(model, ids: torch.Tensor, new_tokens: int) -> tuple[dict, dict]:
+    """profiled_run's counts and host events per decode step: a whole run's minus its
+    prefill-only run's."""
+    (full, full_host), (prefill, prefill_host) = profiled_run(model, ids, new_tokens), profiled_run(model, ids, 1)
+    steps = new_tokens - 1
+    counts = {name: (full[name] - prefill[name]) / steps for name in full}
+    host_us = {name: (us - prefill_host.get(name, 0.0)) / steps for name, us in full_host.items()}
+    return counts, host_us
 
 
 def measure(model, ids: torch.Tensor, new_tokens: int, repeats: int) -> dict:
@@ -94,12 +103,13 @@ def measure(model, ids: torch.Tensor, new_tokens: int, repeats: int) -> dict:
     cudagraph_skips = counters["inductor"]["cudagraph_skips"]
     full, prefill = wall_s(model, ids, new_tokens, repeats), wall_s(model, ids, 1, repeats)
     step_us = (full - prefill) / (new_tokens - 1) * 1e6
-    step = per_decode_step(model, ids, new_tokens)
+    step, host_us = per_decode_step(model, ids, new_tokens)
     return {"graph_breaks": sum(breaks.values()), "graph_break_reasons": breaks, "unique_graphs": graphs,
             "cudagraph_skips": cudagraph_skips,
             "step_us": step_us, "tok_s": ids.shape[0] * 1e6 / step_us, "gpu_busy_us": step["gpu_us"],
             "host_only_us": step_us - step["gpu_us"], "graph_launches": step["graph_launches"],
-            "kernel_launches": step["kernel_launches"]}
+            "kernel_launches": step["kernel_launches"],
+            "host_events_us": dict(sorted(host_us.items(), key=lambda item: -item[1]))}
 
 
 def main() -> None:
@@ -110,6 +120,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default="out")
+    parser.add_argument("--host-events", type=int, default=25, help="host events to print per variant")
     parser.add_argument("--perf-hints", action="store_true", help="log Inductor's reasons for skipping CUDA graphs")
     args = parser.parse_args()
     if args.perf_hints:
@@ -136,6 +147,11 @@ def main() -> None:
     for name, r in rows.items():
         print(f"| {name} | {r['graph_breaks']} | {r['unique_graphs']} | {r['cudagraph_skips']} | {r['step_us']:.0f} | {r['tok_s']:.1f} "
               f"| {r['gpu_busy_us']:.0f} | {r['host_only_us']:.0f} | {r['graph_launches']:.1f} | {r['kernel_launches']:.1f} |")
+    for name, r in rows.items():
+        print(f"\n{name}: host events, µs per decode step (inclusive; nested events overlap)\n")
+        print("| event | µs |\n| --- | --- |")
+        for event, us in list(r["host_events_us"].items())[: args.host_events]:
+            print(f"| {event[:80]} | {us:.1f} |")
     for name, r in rows.items():
         for reason, count in r["graph_break_reasons"].items():
             print(f"{name}: graph break x{count}: {reason[:300]}")
