@@ -150,3 +150,24 @@ def test_tma_ablation_variants_compute_what_they_name(variant):
     if sum_sq:
         expected = expected * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-5)
     torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_guard_overhead_times_one_graph_per_variant():
+    """guard_overhead times calls of one compiled step: unpatched and patched, each step compiles
+    once and no call recompiles (a recompile would time Dynamo's tracing, not its guards)."""
+    import guard_overhead
+    from transformers import LlamaForCausalLM
+
+    import hf_fused
+    from hf_fused.models import shape_config
+
+    model = LlamaForCausalLM(shape_config("tiny-llama")).eval()
+    counters = torch._dynamo.utils.counters
+    with torch.no_grad():
+        for patch in (False, True):
+            if patch:
+                hf_fused.patch_model(model)
+            counters.clear()
+            us = guard_overhead.entry_us(model, calls=5)
+            assert 0 < us < float("inf")
+            assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
