@@ -8,8 +8,8 @@ patch that added guards (or slow Python ones) would add that host time to every 
 compiles one decode step of a tiny Llama with the given layer count, unpatched and then
 patched, with a backend that returns the traced graph's outputs without computing them, so the
 time per call is Dynamo's entry alone: guard checks, argument handling, the frame's dispatch.
-It runs on any machine (CPU tensors; the patched ops take their reference path there, which
-changes what the graph holds but not what the model's guards check).
+It runs on any machine: CPU tensors change which ops the graph holds, not what the model's
+guards check.
 """
 
 from __future__ import annotations

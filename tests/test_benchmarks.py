@@ -16,8 +16,12 @@ import bench_rmsnorm_gate_up as gate_up  # noqa: E402
 import bench_rmsnorm_qkv as qkv  # noqa: E402
 import bench_rope_cache as rope  # noqa: E402
 import bench_streaming_linear as linear  # noqa: E402
+import guard_overhead  # noqa: E402
 import report  # noqa: E402
+from transformers import LlamaForCausalLM  # noqa: E402
 
+import hf_fused  # noqa: E402
+from hf_fused.models import shape_config  # noqa: E402
 from hf_fused.ops import rmsnorm_gate_up_ref, rmsnorm_qkv_ref  # noqa: E402
 
 
@@ -155,12 +159,6 @@ def test_tma_ablation_variants_compute_what_they_name(variant):
 def test_guard_overhead_times_one_graph_per_variant():
     """guard_overhead times calls of one compiled step: unpatched and patched, each step compiles
     once and no call recompiles (a recompile would time Dynamo's tracing, not its guards)."""
-    import guard_overhead
-    from transformers import LlamaForCausalLM
-
-    import hf_fused
-    from hf_fused.models import shape_config
-
     model = LlamaForCausalLM(shape_config("tiny-llama")).eval()
     counters = torch._dynamo.utils.counters
     with torch.no_grad():
