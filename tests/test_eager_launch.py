@@ -8,7 +8,7 @@ import importlib
 import pytest
 import torch
 
-from hf_fused.ops import rmsnorm_gate_up, rmsnorm_qkv, streaming_linear
+from hf_fused.ops import decode_attention, rmsnorm_gate_up, rmsnorm_qkv, rope_cache_write, streaming_linear
 
 # The package re-exports functions under the op modules' names.
 OP_MODULES = {name: importlib.import_module(f"hf_fused.ops.{name}") for name in ("rmsnorm_qkv", "rmsnorm_gate_up", "streaming_linear")}
@@ -141,6 +141,41 @@ def test_compiled_decode_calls_take_the_launch_op(op):
     assert f"hf_fused.{op}_launch" not in targets and f"hf_fused.{op}" in targets, targets
 
 
+def attention_step_inputs(dtype: torch.dtype = torch.bfloat16, *, B: int = 1, M: int = 1, Hq: int = 4, Hkv: int = 2,
+                          D: int = 16, S: int = 80, length: int = 37):
+    """A fused q/k/v output, cos and sin, a static cache already holding other values, its length
+    and a mask of its written positions: one decode step's inputs to the rotary and attention ops."""
+    generator = torch.Generator().manual_seed(B + M + S)
+
+    def rand(*size):
+        return torch.randn(*size, generator=generator).to(DEVICE, dtype)
+
+    angles = torch.rand(1, M, D // 2, generator=generator) * 6.3
+    cos, sin = (torch.cat([f(angles)] * 2, dim=-1).to(DEVICE, dtype) for f in (torch.cos, torch.sin))
+    mask = (torch.arange(S) < length + M).view(1, 1, 1, S).expand(1, 1, M, S).to(DEVICE)
+    return (rand(B, M, (Hq + 2 * Hkv) * D), cos, sin, rand(B, Hkv, S, D), rand(B, Hkv, S, D),
+            torch.tensor(length, device=DEVICE), mask, dict(num_heads=Hq, num_kv_heads=Hkv))
+
+
+def test_compiled_cache_write_and_attention_take_their_launch_ops():
+    """A traced decode step's rotary and cache write, and its attention, take their launch ops
+    (which launch with PDL where it runs), and compute and write what the eager calls do."""
+    qkv, cos, sin, keys, values, length, mask, heads = attention_step_inputs()
+
+    def step(keys, values):
+        q = rope_cache_write(qkv, cos, sin, keys, values, length, **heads)
+        return decode_attention(q.transpose(1, 2), keys, values, mask, scaling=0.25)
+
+    caches = [(keys.clone(), values.clone()) for _ in range(2)]
+    with torch.no_grad():
+        want = step(*caches[0])
+        targets, got = graph_targets(step, *caches[1])
+    assert "hf_fused.rope_cache_write_launch" in targets and "hf_fused.decode_attention_launch" in targets, targets
+    assert torch.equal(got, want)
+    assert all(torch.equal(a, b) for a, b in zip(*caches)), "the compiled step wrote the cache otherwise"
+    assert not torch.equal(caches[1][0], keys), "the compiled step did not write the cache"
+
+
 def test_pdl_is_off_where_it_cannot_run(monkeypatch):
     common = importlib.import_module("hf_fused.ops._common")
     assert common.pdl_meta(False) == {"PDL": False}, "launch_pdl must not reach a launch without PDL"
@@ -157,37 +192,53 @@ def test_pdl_is_off_where_it_cannot_run(monkeypatch):
 
 @pytest.mark.skipif(not CUDA or torch.cuda.get_device_capability()[0] < 9, reason="PDL needs a Hopper GPU or later")
 def test_pdl_chain_in_a_cuda_graph_matches_launches_without_it():
-    """Two layers' weight kernels, each reading the one before's output, captured in one CUDA
-    graph: launched with PDL they must give bit for bit what they give without it. A kernel
-    that read its inputs before its wait would read the previous replay's values."""
+    """Two Llama-3-8B layers' decode kernels, each reading what the one before wrote, captured in
+    one CUDA graph: norm+qkv, rotary and cache write, attention (split and merge), o_proj,
+    norm+gate/up, down_proj. Launched with PDL they must give bit for bit what they give
+    without it. A kernel that read its inputs before its wait would read the previous replay's
+    values, or the NaN its buffers are poisoned with before each replay."""
     qkv_mod, gate_up_mod, linear_mod = (OP_MODULES[name] for name in ("rmsnorm_qkv", "rmsnorm_gate_up", "streaming_linear"))
-    K, I, dtype = 4096, 14336, torch.bfloat16
+    attention_mod, rope_mod = (importlib.import_module(f"hf_fused.ops.{name}") for name in ("decode_attention", "rope_cache"))
+    K, I, Hq, Hkv, D, S, length, dtype = 4096, 14336, 32, 8, 128, 384, 200, torch.bfloat16
     generator = torch.Generator().manual_seed(0)
 
     def rand(*size, scale=1.0):
         return (torch.randn(*size, generator=generator) * scale).to(DEVICE, dtype)
 
     x = rand(1, K)
+    angles = torch.rand(1, 1, D // 2, generator=generator) * 6.3
+    cos, sin = (torch.cat([f(angles)] * 2, dim=-1).to(DEVICE, dtype) for f in (torch.cos, torch.sin))
+    position = torch.tensor(length, device=DEVICE)
+    mask = (torch.arange(S, device=DEVICE) <= length).view(1, 1, 1, S)
     layers = [dict(norm=rand(K, scale=0.1) + 1, w_qkv=rand(6144, K, scale=K**-0.5), w_o=rand(K, K, scale=K**-0.5),
                    w_gu=rand(2 * I, K, scale=K**-0.5), w_down=rand(K, I, scale=I**-0.5)) for _ in range(2)]
+    # The caches hold earlier tokens, which no replay changes; each replay writes position `length`.
+    caches = [(rand(1, Hkv, S, D), rand(1, Hkv, S, D)) for _ in layers]
 
     def chain(pdl: bool) -> tuple[list, list]:
         launches, outs, h_in = [], [], x
-        for layer in layers:
-            qkv, h, act, out = (torch.empty(n, device=DEVICE, dtype=dtype) for n in (6144, K, I, K))
+        for layer, (keys, values) in zip(layers, caches):
+            qkv, q, attn, h, act, out = (torch.empty(n, device=DEVICE, dtype=dtype) for n in (6144, K, K, K, I, K))
+            attention = attention_mod.decode_launches(q.view(1, 1, Hq, D).transpose(1, 2), keys, values, mask, D**-0.5,
+                                                      attn.view(1, 1, Hq, D), pdl=pdl)
+            assert len(attention) == 2, "the chain must take the split attention and its merge"
             steps = [
                 (qkv_mod._rmsnorm_qkv_decode_kernel,
-                 qkv_mod.decode_launch(h_in, layer["norm"], layer["w_qkv"], None, qkv.view(1, -1), EPS, False, pdl=pdl)),
+                 *qkv_mod.decode_launch(h_in, layer["norm"], layer["w_qkv"], None, qkv.view(1, -1), EPS, False, pdl=pdl)),
+                rope_mod.rope_launch(qkv.view(1, 1, -1), cos, sin, q.view(1, 1, Hq, D), keys, values, position,
+                                     num_heads=Hq, num_kv_heads=Hkv, pdl=pdl)[:4],
+                *(launch[:4] for launch in attention),
                 (linear_mod._streaming_linear_kernel,
-                 linear_mod.stream_launch(qkv[:K], layer["w_o"], None, h, residual=h_in.view(-1), pdl=pdl)),
+                 *linear_mod.stream_launch(attn, layer["w_o"], None, h, residual=h_in.view(-1), pdl=pdl)),
                 (gate_up_mod._rmsnorm_gate_up_decode_kernel,
-                 gate_up_mod.decode_launch(h.view(1, K), layer["norm"], layer["w_gu"], act.view(1, -1), EPS, False,
-                                           "silu", pdl=pdl)),
+                 *gate_up_mod.decode_launch(h.view(1, K), layer["norm"], layer["w_gu"], act.view(1, -1), EPS, False,
+                                            "silu", pdl=pdl)),
                 (linear_mod._streaming_linear_kernel,
-                 linear_mod.stream_launch(act, layer["w_down"], None, out, residual=h, pdl=pdl)),
+                 *linear_mod.stream_launch(act, layer["w_down"], None, out, residual=h, pdl=pdl)),
             ]
-            launches += [(kernel, *launch) for kernel, launch in steps]
-            outs += [qkv, h, act, out]
+            launches += steps
+            partials = [attention[0][2][i] for i in (4, 5, 6)]  # the split kernel's partial max, sum and accumulator
+            outs += [qkv, q, *partials, attn, h, act, out]
             h_in = out.view(1, K)
         return launches, outs
 
@@ -210,7 +261,7 @@ def test_pdl_chain_in_a_cuda_graph_matches_launches_without_it():
                 buffer.fill_(float("nan"))
             graph.replay()
             torch.cuda.synchronize()
-            results.append([buffer.clone() for buffer in outs])
+            results.append([buffer.clone() for buffer in outs] + [c.clone() for cache in caches for c in cache])
         return results
 
     want = run(False, replays=1)[0]
@@ -228,3 +279,8 @@ def test_the_launch_ops_pass_opcheck():
     torch.library.opcheck(torch.ops.hf_fused.rmsnorm_gate_up_launch, (x, norm_weight, weight, EPS, "gemma", "silu"))
     residual = torch.randn(1, 1, N, device=DEVICE, dtype=torch.bfloat16)
     torch.library.opcheck(torch.ops.hf_fused.streaming_linear_launch, (x, weight, bias, residual))
+    qkv, cos, sin, keys, values, length, mask, heads = attention_step_inputs()
+    torch.library.opcheck(torch.ops.hf_fused.rope_cache_write_launch,
+                          (qkv, cos, sin, keys, values, length, heads["num_heads"], heads["num_kv_heads"]))
+    q = torch.randn(1, heads["num_heads"], 1, keys.shape[-1], device=DEVICE, dtype=torch.bfloat16)
+    torch.library.opcheck(torch.ops.hf_fused.decode_attention_launch, (q, keys, values, mask, 0.25))

@@ -159,10 +159,11 @@ def _await_inputs(PDL: tl.constexpr):
     """Under programmatic dependent launch (PDL), let the next kernel's programs launch, then wait
     until every earlier kernel has finished and its writes are visible.
 
-    A weight-streaming kernel launched with PDL starts while the kernel before it drains, and
-    issues its first weight tile before this call: the weights are the one input that no kernel
-    of a decode step writes. Everything that reads activations, or writes at all, comes after.
-    The next kernel waits in turn, so starting it early orders nothing wrongly.
+    A kernel launched with PDL starts while the kernel before it drains. Before this call it may
+    only touch what no kernel of a decode step writes: the weight-streaming kernels issue their
+    first weight tile, the rotary and attention kernels nothing. Everything that reads
+    activations or the cache, or writes at all, comes after. The next kernel waits in turn, so
+    starting it early orders nothing wrongly.
     """
     if PDL:
         gdc_launch_dependents()
@@ -171,17 +172,17 @@ def _await_inputs(PDL: tl.constexpr):
 
 @functools.cache
 def pdl_supported(device: torch.device) -> bool:
-    """Whether the weight-streaming kernels launch on ``device`` with programmatic dependent
-    launch: compute capability 9.0 (Hopper) or later, compiled (the interpreter has no grid
-    dependencies), and not switched off with HF_FUSED_PDL=0."""
+    """Whether the decode kernels (weight streaming, rotary and cache write, attention) launch on
+    ``device`` with programmatic dependent launch: compute capability 9.0 (Hopper) or later,
+    compiled (the interpreter has no grid dependencies), and not switched off with HF_FUSED_PDL=0."""
     if os.environ.get("HF_FUSED_PDL", "1") == "0" or device.type != "cuda" or triton_interpreter_enabled():
         return False
     return torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def pdl_meta(pdl: bool) -> dict:
-    """A weight-streaming kernel's meta-parameters for PDL: the PDL constexpr, which places
-    _await_inputs, and Triton's launch_pdl, which sets the launch attribute."""
+    """A decode kernel's meta-parameters for PDL: the PDL constexpr, which places _await_inputs,
+    and Triton's launch_pdl, which sets the launch attribute."""
     return dict(PDL=True, launch_pdl=True) if pdl else dict(PDL=False)
 
 

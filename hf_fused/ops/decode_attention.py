@@ -42,12 +42,16 @@ from torch.library import triton_op, wrap_triton
 from hf_fused.ops._autograd import register_reference_backward
 from hf_fused.ops._common import (
     EagerLaunch,
+    _await_inputs,
     _dot,
     _round_to,
     _sm_count,
     cached_launch,
+    compiled_launchable,
     eager_launchable,
     on_device_of,
+    pdl_meta,
+    pdl_supported,
     runs_triton,
     signature,
     triton_interpreter_enabled,
@@ -99,7 +103,7 @@ def _decode_partial_kernel(
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_mb, stride_mh, stride_mm, stride_mn, stride_ob, stride_om, stride_oh,
     HEAD_DIM: tl.constexpr, HAS_MASK: tl.constexpr, DIRECT: tl.constexpr, IEEE: tl.constexpr,
-    INTERPRETED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    INTERPRETED: tl.constexpr, PDL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_bh, split = tl.program_id(0), tl.program_id(1)
     b, j = pid_bh // Hkv, pid_bh % Hkv
@@ -109,6 +113,7 @@ def _decode_partial_kernel(
     head, tok = j * G + rows // M, rows % M
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
+    _await_inputs(PDL)  # every input of this kernel is written by the step's kernels before it
     q = tl.load(q_ptr + b * stride_qb + head[:, None] * stride_qh + tok[:, None] * stride_qm + offs_d[None, :],
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     # Under torch.compile a Python float arrives as fp64, which would carry the softmax into fp64.
@@ -158,11 +163,13 @@ def _decode_partial_kernel(
 def _decode_reduce_kernel(
     part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr,
     Hq, M, num_splits, stride_ob, stride_om, stride_oh,
-    HEAD_DIM: tl.constexpr, INTERPRETED: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, INTERPRETED: tl.constexpr, PDL: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     row = tl.program_id(0)  # (b * Hq + h) * M + m, the partials' row order
     tok, h, b = row % M, (row // M) % Hq, row // (M * Hq)
     offs_d = tl.arange(0, BLOCK_D)
+    _await_inputs(PDL)
     m_max = tl.full((BLOCK_S,), float("-inf"), tl.float32)
     for s0 in range(0, num_splits, BLOCK_S):
         offs_s = s0 + tl.arange(0, BLOCK_S)
@@ -195,12 +202,13 @@ def _partials(rows: int, num_splits: int, D: int, device: torch.device) -> tuple
 
 
 def decode_launches(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scaling: float, out: Tensor,
-                    config: DecodeConfig = DecodeConfig()) -> list[tuple]:
+                    config: DecodeConfig = DecodeConfig(), pdl: bool = False) -> list[tuple]:
     """The kernels' launches, each (kernel, grid, runtime arguments with the tensors first,
     meta-parameters, tensor count): the split kernel and the merge, or the split kernel alone
     when one split takes every key (it then writes out itself). q (B, Hq, M, D), k and v
     (B, Hkv, S, D) with unit stride in D, mask broadcastable to (B, Hq, M, S) bool or None, out
-    (B, M, Hq, D) with unit stride in D."""
+    (B, M, Hq, D) with unit stride in D. ``pdl``: both kernels launch with programmatic
+    dependent launch (pdl_meta)."""
     B, Hq, M, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     G = Hq // Hkv
@@ -220,7 +228,7 @@ def decode_launches(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scalin
          *m.stride(), out.stride(0), out.stride(1), out.stride(2)),
         dict(HEAD_DIM=D, HAS_MASK=mask is not None, DIRECT=direct, IEEE=q.dtype == torch.float32, INTERPRETED=interpreted,
              BLOCK_R=max(16, triton.next_power_of_2(G * M)), BLOCK_N=config.BLOCK_N, BLOCK_D=block_d,
-             num_warps=config.num_warps),
+             num_warps=config.num_warps, **pdl_meta(pdl)),
         8,
     )
     if direct:
@@ -229,7 +237,7 @@ def decode_launches(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scalin
         _decode_reduce_kernel, (B * Hq * M,),
         (part_m, part_l, part_acc, out, Hq, M, num_splits, out.stride(0), out.stride(1), out.stride(2)),
         dict(HEAD_DIM=D, INTERPRETED=interpreted, BLOCK_S=min(16, triton.next_power_of_2(num_splits)),
-             BLOCK_D=block_d, num_warps=1 if D <= 64 else 2),
+             BLOCK_D=block_d, num_warps=1 if D <= 64 else 2, **pdl_meta(pdl)),
         4,
     )
     return [partial, reduce]
@@ -287,7 +295,7 @@ def _eager_decode(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scaling)
     def build() -> tuple[EagerLaunch, ...]:
         _check_inputs(q, k, v, mask, scaling)
         B, Hq, M, D = q.shape
-        kernels = decode_launches(q, k, v, mask, float(scaling), q.new_empty((B, M, Hq, D)))
+        kernels = decode_launches(q, k, v, mask, float(scaling), q.new_empty((B, M, Hq, D)), pdl=pdl_supported(q.device))
         return tuple(EagerLaunch(kernel, grid, args, meta, n) for kernel, grid, args, meta, n in kernels)
 
     launches = cached_launch(_EAGER_LAUNCHES, (signature(q, k, v, mask), scaling), build)
@@ -307,6 +315,18 @@ def _eager_decode(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scaling)
     return out
 
 
+@torch.library.custom_op("hf_fused::decode_attention_launch", mutates_args=())
+def _decode_attention_launch_op(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scaling: float) -> Tensor:
+    """Decode attention in compiled code, launched as eager code launches it (see compiled_launchable)."""
+    return _eager_decode(q, k, v, mask, scaling)
+
+
+@_decode_attention_launch_op.register_fake
+def _(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scaling: float) -> Tensor:
+    B, Hq, M, D = q.shape
+    return q.new_empty((B, M, Hq, D))
+
+
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, *, scaling: float) -> Tensor:
     """Attention of M <= 16 query tokens over a KV cache, as transformers' sdpa attention computes it.
 
@@ -324,6 +344,8 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None
     if eager_launchable(q, k, v, mask):
         return _eager_decode(q, k, v, mask, scaling)
     _check_inputs(q, k, v, mask, scaling)
+    if compiled_launchable(q, k, v, mask):
+        return torch.ops.hf_fused.decode_attention_launch(q, k, v, mask, float(scaling))
     with on_device_of(q):
         return torch.ops.hf_fused.decode_attention(q, k, v, mask, float(scaling))
 

@@ -33,10 +33,14 @@ from torch.library import triton_op, wrap_triton
 
 from hf_fused.ops._common import (
     EagerLaunch,
+    _await_inputs,
     _round_to,
     cached_launch,
+    compiled_launchable,
     eager_launchable,
     on_device_of,
+    pdl_meta,
+    pdl_supported,
     runs_triton,
     signature,
     triton_interpreter_enabled,
@@ -88,7 +92,7 @@ def _rope_cache_kernel(
     M, Hq, Hkv, S,
     stride_xb, stride_xm, stride_cb, stride_cm, stride_sb, stride_sm,
     stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-    CACHE: tl.constexpr, HALF: tl.constexpr, INTERPRETED: tl.constexpr, BLOCK_H: tl.constexpr,
+    CACHE: tl.constexpr, HALF: tl.constexpr, INTERPRETED: tl.constexpr, PDL: tl.constexpr, BLOCK_H: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
 ):
     token, head_block = tl.program_id(0), tl.program_id(1)
@@ -100,6 +104,7 @@ def _rope_cache_kernel(
     is_k = (heads >= Hq) & (heads < Hq + Hkv)
     is_v = (heads >= Hq + Hkv) & (heads < Hq + 2 * Hkv)
     live = (is_q | is_k | is_v)[:, None] & d_ok[None, :]
+    _await_inputs(PDL)  # qkv comes from the kernel before; the cache is read by the ones after
     # Head h's two halves: columns h * D + [0, HALF) and h * D + [HALF, D) of the token's row.
     x_ptrs = qkv_ptr + b * stride_xb + m * stride_xm + heads[:, None] * (2 * HALF) + offs[None, :]
     x1 = tl.load(x_ptrs, mask=live, other=0.0)
@@ -139,10 +144,11 @@ def _rope_cache_kernel(
 
 
 def rope_launch(qkv: Tensor, cos: Tensor, sin: Tensor, q_out: Tensor, keys: Tensor, values: Tensor | None = None,
-                length: Tensor | None = None, *, num_heads: int, num_kv_heads: int) -> tuple:
+                length: Tensor | None = None, *, num_heads: int, num_kv_heads: int, pdl: bool = False) -> tuple:
     """The kernel's launch: (kernel, grid, runtime arguments with the tensors first, meta-parameters,
     tensor count). With values and length, k and v go into the cache buffers keys and values;
-    without, keys is k_out (B, M, Hkv, D) and v is not touched."""
+    without, keys is k_out (B, M, Hkv, D) and v is not touched. ``pdl``: launched with
+    programmatic dependent launch (pdl_meta)."""
     B, M, _ = qkv.shape
     D = keys.shape[-1]
     cache = values is not None
@@ -158,7 +164,7 @@ def rope_launch(qkv: Tensor, cos: Tensor, sin: Tensor, q_out: Tensor, keys: Tens
             qkv.stride(0), qkv.stride(1), cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1),
             stride_kb, stride_kh, stride_kn, *(values.stride()[:3] if cache else (0, 0, 0)))
     meta = dict(CACHE=cache, HALF=D // 2, INTERPRETED=triton_interpreter_enabled(), BLOCK_H=BLOCK_H,
-                BLOCK_HALF=max(2, triton.next_power_of_2(D // 2)), num_warps=2)
+                BLOCK_HALF=max(2, triton.next_power_of_2(D // 2)), num_warps=2, **pdl_meta(pdl))
     return _rope_cache_kernel, grid, args, meta, 7
 
 
@@ -227,6 +233,38 @@ def _check_cache(qkv: Tensor, keys: Tensor, values: Tensor, length: Tensor, num_
 _EAGER_LAUNCHES: dict[tuple, EagerLaunch] = {}
 
 
+def _eager_cache_write(qkv: Tensor, cos: Tensor, sin: Tensor, keys: Tensor, values: Tensor, length: Tensor,
+                       num_heads: int, num_kv_heads: int) -> Tensor:
+    """The kernel launched from eager code, its launch resolved once per signature."""
+
+    def build() -> EagerLaunch:
+        D = _check_rotary(qkv, cos, sin, num_heads, num_kv_heads)
+        _check_cache(qkv, keys, values, length, num_kv_heads, D)
+        q_out = qkv.new_empty((*qkv.shape[:2], num_heads, D))
+        return EagerLaunch(*rope_launch(qkv, cos, sin, q_out, keys, values, length, num_heads=num_heads,
+                                        num_kv_heads=num_kv_heads, pdl=pdl_supported(qkv.device)))
+
+    key = ("cache", signature(qkv, cos, sin, keys, values, length), num_heads, num_kv_heads)
+    launch = cached_launch(_EAGER_LAUNCHES, key, build)
+    q_out = qkv.new_empty((*qkv.shape[:2], num_heads, keys.shape[-1]))
+    with on_device_of(qkv):
+        launch(qkv, cos, sin, keys, values, length, q_out)
+    return q_out
+
+
+@torch.library.custom_op("hf_fused::rope_cache_write_launch", mutates_args=("keys", "values"))
+def _rope_cache_write_launch_op(qkv: Tensor, cos: Tensor, sin: Tensor, keys: Tensor, values: Tensor, length: Tensor,
+                                num_heads: int, num_kv_heads: int) -> Tensor:
+    """The cache write in compiled code, launched as eager code launches it (see compiled_launchable)."""
+    return _eager_cache_write(qkv, cos, sin, keys, values, length, num_heads, num_kv_heads)
+
+
+@_rope_cache_write_launch_op.register_fake
+def _(qkv: Tensor, cos: Tensor, sin: Tensor, keys: Tensor, values: Tensor, length: Tensor,
+      num_heads: int, num_kv_heads: int) -> Tensor:
+    return qkv.new_empty((*qkv.shape[:2], num_heads, keys.shape[-1]))
+
+
 def rope_cache_write(qkv: Tensor, cos: Tensor, sin: Tensor, keys: Tensor, values: Tensor, length: Tensor, *,
                      num_heads: int, num_kv_heads: int) -> Tensor:
     """Rotate q and k of the fused q/k/v output and write k and v into a static cache at its length.
@@ -244,26 +282,14 @@ def rope_cache_write(qkv: Tensor, cos: Tensor, sin: Tensor, keys: Tensor, values
         the kernel; CPU tensors run the reference, or the kernel in Triton's interpreter when
         TRITON_INTERPRET=1; float64 runs the reference.
     """
-    if not eager_launchable(qkv, cos, sin):
-        D = _check_rotary(qkv, cos, sin, num_heads, num_kv_heads)
-        _check_cache(qkv, keys, values, length, num_kv_heads, D)
-        with on_device_of(qkv):
-            return torch.ops.hf_fused.rope_cache_write(qkv, cos, sin, keys, values, length, num_heads, num_kv_heads)
-
-    def build() -> EagerLaunch:
-        D = _check_rotary(qkv, cos, sin, num_heads, num_kv_heads)
-        _check_cache(qkv, keys, values, length, num_kv_heads, D)
-        q_out = qkv.new_empty((*qkv.shape[:2], num_heads, D))
-        return EagerLaunch(*rope_launch(qkv, cos, sin, q_out, keys, values, length,
-                                        num_heads=num_heads, num_kv_heads=num_kv_heads))
-
-    # Eager: the launch is resolved once per signature.
-    key = ("cache", signature(qkv, cos, sin, keys, values, length), num_heads, num_kv_heads)
-    launch = cached_launch(_EAGER_LAUNCHES, key, build)
-    q_out = qkv.new_empty((*qkv.shape[:2], num_heads, keys.shape[-1]))
+    if eager_launchable(qkv, cos, sin):
+        return _eager_cache_write(qkv, cos, sin, keys, values, length, num_heads, num_kv_heads)
+    D = _check_rotary(qkv, cos, sin, num_heads, num_kv_heads)
+    _check_cache(qkv, keys, values, length, num_kv_heads, D)
+    if compiled_launchable(qkv, cos, sin):
+        return torch.ops.hf_fused.rope_cache_write_launch(qkv, cos, sin, keys, values, length, num_heads, num_kv_heads)
     with on_device_of(qkv):
-        launch(qkv, cos, sin, keys, values, length, q_out)
-    return q_out
+        return torch.ops.hf_fused.rope_cache_write(qkv, cos, sin, keys, values, length, num_heads, num_kv_heads)
 
 
 def rotary(qkv: Tensor, cos: Tensor, sin: Tensor, *, num_heads: int, num_kv_heads: int) -> tuple[Tensor, Tensor]:
@@ -281,7 +307,8 @@ def rotary(qkv: Tensor, cos: Tensor, sin: Tensor, *, num_heads: int, num_kv_head
     def build() -> EagerLaunch:
         D = _check_rotary(qkv, cos, sin, num_heads, num_kv_heads)
         q_out, k_out = qkv.new_empty((*qkv.shape[:2], num_heads, D)), qkv.new_empty((*qkv.shape[:2], num_kv_heads, D))
-        return EagerLaunch(*rope_launch(qkv, cos, sin, q_out, k_out, num_heads=num_heads, num_kv_heads=num_kv_heads))
+        return EagerLaunch(*rope_launch(qkv, cos, sin, q_out, k_out, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                                        pdl=pdl_supported(qkv.device)))
 
     launch = cached_launch(_EAGER_LAUNCHES, ("rotary", signature(qkv, cos, sin), num_heads, num_kv_heads), build)
     D = qkv.shape[-1] // (num_heads + 2 * num_kv_heads)
