@@ -17,6 +17,7 @@ import bench_rmsnorm_qkv as qkv  # noqa: E402
 import bench_rope_cache as rope  # noqa: E402
 import bench_streaming_linear as linear  # noqa: E402
 import guard_overhead  # noqa: E402
+import profile_hf_static  # noqa: E402
 import report  # noqa: E402
 from transformers import LlamaForCausalLM  # noqa: E402
 
@@ -169,3 +170,15 @@ def test_guard_overhead_times_one_graph_per_variant():
             us = guard_overhead.entry_us(model, calls=5)
             assert 0 < us < float("inf")
             assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+
+
+@pytest.mark.parametrize("intervals, busy", [
+    ([], 0.0),
+    ([(0.0, 10.0)], 10.0),
+    ([(5.0, 12.0), (0.0, 10.0)], 12.0),  # overlapping, out of order: a PDL kernel starting early
+    ([(0.0, 10.0), (2.0, 4.0)], 10.0),  # one inside another
+    ([(0.0, 1.0), (3.0, 4.0), (3.5, 6.0)], 4.0),  # a gap is not busy
+])
+def test_static_profile_counts_overlapping_kernels_once(intervals, busy):
+    """GPU busy time is the union of the kernels' intervals, not the sum of their durations."""
+    assert profile_hf_static.busy_us(intervals) == busy
