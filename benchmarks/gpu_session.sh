@@ -18,7 +18,8 @@
 #   bash benchmarks/gpu_session.sh tune-tma    # the TMA prefill kernel's config sweep, 8B and 70B, M = 2048, 16384
 #   bash benchmarks/gpu_session.sh ablate-tma  # the TMA kernel with the norm's work switched on piece by piece, beside cuBLAS
 #   bash benchmarks/gpu_session.sh static      # static-cache generate profiled (SmolLM2), with Inductor's code
-#   bash benchmarks/gpu_session.sh static-8b   # static-cache generate profiled at the 8B shape (host events, kernels), fresh and after eager
+#   bash benchmarks/gpu_session.sh static-8b   # static-cache generate profiled at the 8B shape (host events, kernels): fresh, after
+#                                              # eager, and with one StaticCache reused by every call
 #   bash benchmarks/gpu_session.sh tune        # the QKV kernel's config sweep at M = 16
 #   bash benchmarks/gpu_session.sh pdl         # the weight kernels with and without programmatic dependent launch, in a CUDA graph
 #   bash benchmarks/gpu_session.sh pdl-tps     # PDL's GPU tests; the 8B fast loop and static-cache generate with PDL off,
@@ -128,12 +129,12 @@ static)
     find "$TORCHINDUCTOR_CACHE_DIR" -name '*.py' -size +40k | tar czf "$out/inductor_code.tgz" -T -
     ;;
 static-8b)
-    # Fresh, then after an eager generate as compare_tps runs it (its patched static-cache cell
-    # measured slower there than when it followed the fast loop).
-    for before in none eager; do
-        step 220 "static_8b_$before.txt" python3 benchmarks/profile_hf_static.py --shape llama3-8b --new-tokens 64 \
-            --repeats 2 --before "$before" --out "$out"
-    done
+    # Fresh, after an eager generate as compare_tps runs it, and with one StaticCache reused by
+    # every call: a new cache at new addresses makes the step record its CUDA graph again.
+    profile=(python3 benchmarks/profile_hf_static.py --shape llama3-8b --new-tokens 64 --repeats 2 --out "$out")
+    step 180 static_8b_none.txt "${profile[@]}" --before none
+    step 180 static_8b_eager.txt "${profile[@]}" --before eager
+    step 180 static_8b_reused.txt "${profile[@]}" --cache reused
     ;;
 tune)
     step 240 tune_qkv_m16.txt python3 benchmarks/tune_rmsnorm_qkv.py --ms 16 --shapes llama3-8b,llama3-70b \
