@@ -8,6 +8,8 @@
 #   bash benchmarks/gpu_session.sh tests       # GPU tests of the kernels: ops, eager launches, placement, decode attention
 #   bash benchmarks/gpu_session.sh compiled    # GPU tests that compile decode steps: patched generate, hf_fused.generate
 #   bash benchmarks/gpu_session.sh profile     # the 8B fast-loop step profiled with and without the decode attention; host time
+#   bash benchmarks/gpu_session.sh first       # the first call on a new GPU: tps8b, then static-8b's fresh and reused-cache
+#                                              # profiles, in 560 s
 #   bash benchmarks/gpu_session.sh tps8b       # tokens/s, 8B shape, batch 1, three modes; the module fusions alone, Liger
 #   bash benchmarks/gpu_session.sh tps8b-b4    # the same at batch 4, without Liger
 #   bash benchmarks/gpu_session.sh eager-order # eager 8B generate, every fusion and the module fusions each in its own process, twice
@@ -75,7 +77,7 @@ profile)
         step 120 "profile_8b_${fuse//,/-}.txt" python3 benchmarks/profile_decode.py --shape llama3-8b --fuse "$fuse" --out "$out"
     done
     ;;
-tps8b | tps8b-b4 | tps-smollm2)
+tps8b | tps8b-b4 | tps-smollm2 | first)
     if ls .whl/*.whl >/dev/null 2>&1; then
         python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl &&
             export PYTHONPATH="$PYTHONPATH:/tmp/site"
@@ -86,6 +88,13 @@ tps8b | tps8b-b4 | tps-smollm2)
         --also-fuse qkv,mlp,gemv --out "$out")
     case "$1" in
     tps8b) step 560 tps_8b.txt "${tps[@]}" --shape llama3-8b --batch-sizes 1 ;;
+    first)
+        # tps8b and two of static-8b's three profiles, bounded to fit one call together.
+        step 300 tps_8b.txt "${tps[@]}" --shape llama3-8b --batch-sizes 1
+        profile=(python3 benchmarks/profile_hf_static.py --shape llama3-8b --new-tokens 64 --repeats 2 --out "$out")
+        step 130 static_8b_none.txt "${profile[@]}" --before none
+        step 130 static_8b_reused.txt "${profile[@]}" --cache reused
+        ;;
     tps8b-b4) step 560 tps_8b_b4.txt "${tps[@]}" --shape llama3-8b --batch-sizes 4 --peers none ;;
     tps-smollm2)
         step 420 tps_smollm2.txt "${tps[@]}" --shape smollm2-135m --batch-sizes 1
@@ -168,7 +177,7 @@ ncu)
         --section WarpStateStats --section SchedulerStats python3 benchmarks/ncu_target.py --op rmsnorm_qkv --m 1
     ;;
 *)
-    echo "usage: bash benchmarks/gpu_session.sh rope|tests|compiled|profile|tps8b|tps8b-b4|eager-order|tps-smollm2|ops|ops-prefill|static|static-8b|tune|tune-tma|ablate-tma|pdl|pdl-tps|ncu" >&2
+    echo "usage: bash benchmarks/gpu_session.sh first|rope|tests|compiled|profile|tps8b|tps8b-b4|eager-order|tps-smollm2|ops|ops-prefill|static|static-8b|tune|tune-tma|ablate-tma|pdl|pdl-tps|ncu" >&2
     exit 2
     ;;
 esac
