@@ -39,6 +39,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -52,30 +53,30 @@ import hf_fused  # noqa: E402
 from hf_fused.models import SHAPES, build_random_model  # noqa: E402
 
 
-# --cache reused: one StaticCache for every call of a variant, reset before each, in place of the
-# new one that generate builds per call. A new cache's tensors are CUDA-graph inputs at new
-# addresses, which makes the compiled step record its graph again in that call.
-REUSED_CACHE: dict[str, StaticCache] = {}
-
-
-def static_generate(model, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
-    cache = {}
-    if "cache" in REUSED_CACHE:
-        REUSED_CACHE["cache"].reset()
-        cache = {"past_key_values": REUSED_CACHE["cache"]}
+def static_generate(model, ids: torch.Tensor, new_tokens: int, cache: StaticCache | None = None) -> torch.Tensor:
+    """generate with a static cache: the one it builds per call, or `cache`, reset first (--cache
+    reused). A new cache's tensors are CUDA-graph inputs at new addresses, which makes the
+    compiled step record its graph again in that call."""
+    passed = {}
+    if cache is not None:
+        cache.reset()
+        passed = {"past_key_values": cache}
     return model.generate(
         ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
-        eos_token_id=None, pad_token_id=0, cache_implementation=None if cache else "static",
-        compile_config=CompileConfig(mode="reduce-overhead", dynamic=False), **cache,
+        eos_token_id=None, pad_token_id=0, cache_implementation=None if passed else "static",
+        compile_config=CompileConfig(mode="reduce-overhead", dynamic=False), **passed,
     )
 
 
-def wall_s(model, ids: torch.Tensor, new_tokens: int, repeats: int) -> float:
+Generate = Callable[[torch.Tensor, int], torch.Tensor]  # (ids, new tokens) -> sequences
+
+
+def wall_s(generate: Generate, ids: torch.Tensor, new_tokens: int, repeats: int) -> float:
     times = []
     for _ in range(repeats):
         torch.cuda.synchronize()
         start = time.perf_counter()
-        static_generate(model, ids, new_tokens)
+        generate(ids, new_tokens)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
@@ -96,12 +97,12 @@ def busy_us(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
-def profiled_run(model, ids: torch.Tensor, new_tokens: int) -> tuple[dict, dict, dict]:
+def profiled_run(generate: Generate, ids: torch.Tensor, new_tokens: int) -> tuple[dict, dict, dict]:
     """GPU busy µs, graph replays, graph records and kernel launches of one run, and each host
     event's and each kernel's total µs, from torch.profiler."""
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=activities) as prof:
-        static_generate(model, ids, new_tokens)
+        generate(ids, new_tokens)
         torch.cuda.synchronize()
     events = prof.events()
     kernels = [e for e in events if e.device_type == DeviceType.CUDA]
@@ -118,10 +119,10 @@ def profiled_run(model, ids: torch.Tensor, new_tokens: int) -> tuple[dict, dict,
     return counts, host_us, kernel_us
 
 
-def per_decode_step(model, ids: torch.Tensor, new_tokens: int) -> tuple[dict, dict, dict, int]:
+def per_decode_step(generate: Generate, ids: torch.Tensor, new_tokens: int) -> tuple[dict, dict, dict, int]:
     """profiled_run's counts, host events and kernels per decode step (a whole run's minus its
     prefill-only run's), and the graphs recorded in the whole run."""
-    full, prefill = profiled_run(model, ids, new_tokens), profiled_run(model, ids, 1)
+    full, prefill = profiled_run(generate, ids, new_tokens), profiled_run(generate, ids, 1)
     steps = new_tokens - 1
     counts = {name: (full[0][name] - prefill[0][name]) / steps for name in full[0]}
     host_us, kernel_us = ({name: (us - short.get(name, 0.0)) / steps for name, us in whole.items()}
@@ -131,21 +132,24 @@ def per_decode_step(model, ids: torch.Tensor, new_tokens: int) -> tuple[dict, di
 
 def measure(model, ids: torch.Tensor, new_tokens: int, repeats: int, before: str, cache: str) -> dict:
     torch._dynamo.reset()
-    if cache == "reused":
-        REUSED_CACHE["cache"] = StaticCache(config=model.config, max_cache_len=ids.shape[1] + new_tokens)
+    reused = StaticCache(config=model.config, max_cache_len=ids.shape[1] + new_tokens) if cache == "reused" else None
+
+    def generate(prompt: torch.Tensor, tokens: int) -> torch.Tensor:
+        return static_generate(model, prompt, tokens, reused)
+
     counters = torch._dynamo.utils.counters
     counters.clear()
     if before == "eager":
         model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
                        eos_token_id=None, pad_token_id=0)
     for n in (new_tokens, 1, new_tokens):  # compile, capture, and settle
-        static_generate(model, ids, n)
+        generate(ids, n)
     breaks = dict(counters["graph_break"])
     graphs = counters["stats"]["unique_graphs"]
     cudagraph_skips = counters["inductor"]["cudagraph_skips"]
-    full, prefill = wall_s(model, ids, new_tokens, repeats), wall_s(model, ids, 1, repeats)
+    full, prefill = wall_s(generate, ids, new_tokens, repeats), wall_s(generate, ids, 1, repeats)
     step_us = (full - prefill) / (new_tokens - 1) * 1e6
-    step, host_us, kernel_us, records = per_decode_step(model, ids, new_tokens)
+    step, host_us, kernel_us, records = per_decode_step(generate, ids, new_tokens)
     return {"graph_breaks": sum(breaks.values()), "graph_break_reasons": breaks, "unique_graphs": graphs,
             "cudagraph_skips": cudagraph_skips,
             "step_us": step_us, "tok_s": ids.shape[0] * 1e6 / step_us, "gpu_busy_us": step["gpu_us"],
