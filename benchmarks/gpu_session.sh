@@ -47,6 +47,8 @@ step() {  # step SECONDS LOGNAME COMMAND...: run it bounded, log it, and say how
     timeout "$limit" "$@" 2>&1 | tee "$out/$log"
     echo "[$(($(date +%s) - start)) s] $log: exit ${PIPESTATUS[0]}" | tee -a "$out/steps.txt"
 }
+# Static-cache generate profiled at the 8B shape (static-8b, first).
+static_8b=(python3 benchmarks/profile_hf_static.py --shape llama3-8b --new-tokens 64 --repeats 2 --out "$out")
 
 case "${1:-}" in
 rope)
@@ -91,9 +93,8 @@ tps8b | tps8b-b4 | tps-smollm2 | first)
     first)
         # tps8b and two of static-8b's three profiles, bounded to fit one call together.
         step 300 tps_8b.txt "${tps[@]}" --shape llama3-8b --batch-sizes 1
-        profile=(python3 benchmarks/profile_hf_static.py --shape llama3-8b --new-tokens 64 --repeats 2 --out "$out")
-        step 130 static_8b_none.txt "${profile[@]}" --before none
-        step 130 static_8b_reused.txt "${profile[@]}" --cache reused
+        step 130 static_8b_none.txt "${static_8b[@]}" --before none
+        step 130 static_8b_reused.txt "${static_8b[@]}" --cache reused
         ;;
     tps8b-b4) step 560 tps_8b_b4.txt "${tps[@]}" --shape llama3-8b --batch-sizes 4 --peers none ;;
     tps-smollm2)
@@ -140,10 +141,9 @@ static)
 static-8b)
     # Fresh, after an eager generate as compare_tps runs it, and with one StaticCache reused by
     # every call: a new cache at new addresses makes the step record its CUDA graph again.
-    profile=(python3 benchmarks/profile_hf_static.py --shape llama3-8b --new-tokens 64 --repeats 2 --out "$out")
-    step 180 static_8b_none.txt "${profile[@]}" --before none
-    step 180 static_8b_eager.txt "${profile[@]}" --before eager
-    step 180 static_8b_reused.txt "${profile[@]}" --cache reused
+    step 180 static_8b_none.txt "${static_8b[@]}" --before none
+    step 180 static_8b_eager.txt "${static_8b[@]}" --before eager
+    step 180 static_8b_reused.txt "${static_8b[@]}" --cache reused
     ;;
 tune)
     step 240 tune_qkv_m16.txt python3 benchmarks/tune_rmsnorm_qkv.py --ms 16 --shapes llama3-8b,llama3-70b \

@@ -122,12 +122,15 @@ def profiled_run(generate: Generate, ids: torch.Tensor, new_tokens: int) -> tupl
 def per_decode_step(generate: Generate, ids: torch.Tensor, new_tokens: int) -> tuple[dict, dict, dict, int]:
     """profiled_run's counts, host events and kernels per decode step (a whole run's minus its
     prefill-only run's), and the graphs recorded in the whole run."""
-    full, prefill = profiled_run(generate, ids, new_tokens), profiled_run(generate, ids, 1)
+    (full, full_host, full_kernels), (prefill, prefill_host, prefill_kernels) = (
+        profiled_run(generate, ids, new_tokens), profiled_run(generate, ids, 1))
     steps = new_tokens - 1
-    counts = {name: (full[0][name] - prefill[0][name]) / steps for name in full[0]}
-    host_us, kernel_us = ({name: (us - short.get(name, 0.0)) / steps for name, us in whole.items()}
-                          for whole, short in zip(full[1:], prefill[1:]))
-    return counts, host_us, kernel_us, full[0]["graph_records"]
+
+    def per_step(whole: dict, short: dict) -> dict:
+        return {name: (value - short.get(name, 0.0)) / steps for name, value in whole.items()}
+
+    return (per_step(full, prefill), per_step(full_host, prefill_host), per_step(full_kernels, prefill_kernels),
+            full["graph_records"])
 
 
 def measure(model, ids: torch.Tensor, new_tokens: int, repeats: int, before: str, cache: str) -> dict:

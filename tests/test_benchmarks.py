@@ -182,3 +182,14 @@ def test_guard_overhead_times_one_graph_per_variant():
 def test_static_profile_counts_overlapping_kernels_once(intervals, busy):
     """GPU busy time is the union of the kernels' intervals, not the sum of their durations."""
     assert profile_hf_static.busy_us(intervals) == busy
+
+
+def test_static_profile_takes_the_prefill_run_off_per_step(monkeypatch):
+    """Per decode step: the whole run's counts, host events and kernels less the prefill-only
+    run's, over new_tokens - 1 steps; an event of the whole run alone counts in full."""
+    runs = {5: ({"gpu_us": 90.0, "graph_records": 1}, {"a": 12.0, "b": 4.0}, {"k": 40.0}),
+            1: ({"gpu_us": 10.0, "graph_records": 0}, {"a": 4.0}, {"k": 8.0})}
+    monkeypatch.setattr(profile_hf_static, "profiled_run", lambda generate, ids, new_tokens: runs[new_tokens])
+    counts, host_us, kernel_us, records = profile_hf_static.per_decode_step(None, None, 5)
+    assert counts == {"gpu_us": 20.0, "graph_records": 0.25}
+    assert host_us == {"a": 2.0, "b": 1.0} and kernel_us == {"k": 8.0} and records == 1
