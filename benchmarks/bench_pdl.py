@@ -1,9 +1,11 @@
-"""Programmatic dependent launch (PDL) of a decode step's kernels, measured in a CUDA graph.
+"""Programmatic dependent launch (PDL) and the L2 prefetch of a decode step's kernels, measured in
+a CUDA graph.
 
 A decode step is a chain of short kernels, each waiting for the one before. Launched with PDL, a
 kernel's programs start while the kernel before it drains; a weight-streaming kernel issues its
 first weight tiles before it waits (``_await_inputs`` in hf_fused/ops/_common.py). This times
-each layer's kernels over distinct per-layer weights, as one CUDA graph, with PDL off and on:
+each layer's kernels over distinct per-layer weights, as one CUDA graph, with PDL off and on, and
+with PDL on and the weight kernels' L2 prefetch (``_prefetch_rows``) at each --l2-prefetch depth:
 
 - ``chain``: the four weight kernels (norm+qkv, o_proj + residual, norm+gate/up, down_proj +
   residual) back to back, layer after layer;
@@ -13,9 +15,10 @@ each layer's kernels over distinct per-layer weights, as one CUDA graph, with PD
   three other weight kernels;
 - each weight op alone, over rotating weights: its µs per call beside the op benchmarks' tables.
 
-Every variant checks that PDL leaves the output bit for bit unchanged.
+Every variant checks that PDL and the prefetch leave the output bit for bit unchanged.
 
     python benchmarks/bench_pdl.py --shape llama3-8b --layers 8 --out out/
+    python benchmarks/bench_pdl.py --shape llama3-8b --l2-prefetch 16384,default,65536
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import environment, measure_copy_bandwidth, time_graph  # noqa: E402
 
 from hf_fused.models import SHAPES  # noqa: E402
+from hf_fused.ops._common import l2_prefetch_default  # noqa: E402
 # The modules, not the functions of the same names that hf_fused.ops exports.
 qkv_op = importlib.import_module("hf_fused.ops.rmsnorm_qkv")
 gate_up_op = importlib.import_module("hf_fused.ops.rmsnorm_gate_up")
@@ -87,20 +91,23 @@ class Layer:
                                                  head_dim**-0.5, self.attn.view(1, 1, self.heads, head_dim), pdl=pdl)
         return [launcher(kernel, (grid, args, meta)) for kernel, grid, args, meta, _ in (rope, *attention)]
 
-    def calls(self, pdl: bool, plain_between: bool, attention: bool = False) -> list:
+    def calls(self, pdl: bool, plain_between: bool, attention: bool = False, l2_prefetch: int = 0) -> list:
         K = self.x.shape[-1]
         x2 = self.x.view(1, K)
         qkv = launcher(qkv_op._rmsnorm_qkv_decode_kernel,
-                       qkv_op.decode_launch(x2, self.norm1, self.w_qkv, None, self.qkv, 1e-5, False, pdl=pdl))
+                       qkv_op.decode_launch(x2, self.norm1, self.w_qkv, None, self.qkv, 1e-5, False, pdl=pdl,
+                                            l2_prefetch=l2_prefetch))
         # Without the attention's kernels, the first K columns of qkv stand in for its output.
         attn = self.attn if attention else self.qkv[0, :K]
         o = launcher(linear_op._streaming_linear_kernel,
-                     linear_op.stream_launch(attn, self.w_o, None, self.h, residual=self.x.view(K), pdl=pdl))
+                     linear_op.stream_launch(attn, self.w_o, None, self.h, residual=self.x.view(K), pdl=pdl,
+                                             l2_prefetch=l2_prefetch))
         gu = launcher(gate_up_op._rmsnorm_gate_up_decode_kernel,
                       gate_up_op.decode_launch(self.h.view(1, K), self.norm2, self.w_gate_up, self.act, 1e-5, False,
-                                               "silu", pdl=pdl))
+                                               "silu", pdl=pdl, l2_prefetch=l2_prefetch))
         down = launcher(linear_op._streaming_linear_kernel,
-                        linear_op.stream_launch(self.act.view(-1), self.w_down, None, self.out, residual=self.h, pdl=pdl))
+                        linear_op.stream_launch(self.act.view(-1), self.w_down, None, self.out, residual=self.h, pdl=pdl,
+                                                l2_prefetch=l2_prefetch))
         between = [lambda: self.qkv.mul_(1.0)] if plain_between else []
         if attention:
             between += self.attention_calls(pdl)
@@ -113,10 +120,16 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--replays", type=int, default=50)
     parser.add_argument("--cache", type=int, default=192, help="tokens in each layer's static cache")
+    parser.add_argument("--l2-prefetch", default="default",
+                        help="comma-separated bytes of each program's rows to prefetch, each a column with PDL on; "
+                             "'default' is the device's l2_prefetch_default, 'none' no such column")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     torch.manual_seed(0)
     dtype, dev = torch.bfloat16, torch.device("cuda")
+    default_prefetch = l2_prefetch_default(dev)
+    depths = [] if args.l2_prefetch == "none" else [
+        default_prefetch if d == "default" else int(d) for d in args.l2_prefetch.split(",")]
     shape = SHAPES[args.shape]
     bandwidth = measure_copy_bandwidth()
     x = torch.randn(shape["hidden_size"], device=dev, dtype=dtype)
@@ -125,8 +138,8 @@ def main() -> None:
         layers.append(Layer(shape, x, dtype, args.cache))
         x = layers[-1].out  # each layer reads the one before's output
 
-    def run(pdl: bool, plain: bool, attention: bool, select=None) -> tuple[float, torch.Tensor]:
-        calls = [c for layer in layers for i, c in enumerate(layer.calls(pdl, plain, attention))
+    def run(pdl: bool, plain: bool, attention: bool, select=None, l2_prefetch: int = 0) -> tuple[float, torch.Tensor]:
+        calls = [c for layer in layers for i, c in enumerate(layer.calls(pdl, plain, attention, l2_prefetch))
                  if select is None or i == select]
         us = time_graph(calls, replays=args.replays) * len(calls)
         return us, torch.cat([b.view(-1) for b in layers[-1].buffers])
@@ -148,21 +161,31 @@ def main() -> None:
         on_us, on_out = run(True, plain, attention, select)
         per = len(layers)
         floor = nbytes / bandwidth * 1e6
-        rows.append(dict(variant=name, off_us=off_us / per, on_us=on_us / per, floor_us=floor / per,
-                         same_output=bool(torch.equal(off_out, on_out))))
+        same = torch.equal(off_out, on_out)
+        prefetched = {}
+        for depth in depths:
+            us, out = run(True, plain, attention, select, depth)
+            prefetched[depth] = us / per
+            same = same and torch.equal(off_out, out)
+        rows.append(dict(variant=name, off_us=off_us / per, on_us=on_us / per, prefetch_us=prefetched,
+                         floor_us=floor / per, same_output=bool(same)))
     env = environment()
     print(f"{args.shape}, bf16, {args.layers} layers, cache {args.cache}, µs per layer (per call for one op alone); "
-          f"{env['gpu']}, torch {env['torch']}, triton {triton.__version__}; copy {bandwidth / 1e9:.0f} GB/s")
-    print("| variant | PDL off µs | PDL on µs | on / off | floor µs | on % of floor | same output |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+          f"{env['gpu']}, torch {env['torch']}, triton {triton.__version__}; copy {bandwidth / 1e9:.0f} GB/s; "
+          f"L2 prefetch default {default_prefetch} bytes a program")
+    prefetch_columns = "".join(f" PDL on + prefetch {d} B |" for d in depths)
+    print(f"| variant | PDL off µs | PDL on µs | on / off |{prefetch_columns} floor µs | best % of floor | same output |")
+    print("| --- " * (7 + len(depths)) + "|")
     for r in rows:
-        print(f"| {r['variant']} | {r['off_us']:.1f} | {r['on_us']:.1f} | {r['on_us'] / r['off_us']:.3f} | "
-              f"{r['floor_us']:.1f} | {100 * r['floor_us'] / r['on_us']:.0f}% | {r['same_output']} |")
+        best = min([r["on_us"], *r["prefetch_us"].values()])
+        prefetch_cells = "".join(f" {us:.1f} |" for us in r["prefetch_us"].values())
+        print(f"| {r['variant']} | {r['off_us']:.1f} | {r['on_us']:.1f} | {r['on_us'] / r['off_us']:.3f} |{prefetch_cells} "
+              f"{r['floor_us']:.1f} | {100 * r['floor_us'] / best:.0f}% | {r['same_output']} |")
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         path = args.out / f"bench_pdl_{args.shape}.json"
         path.write_text(json.dumps(dict(environment=env, shape=args.shape, layers=args.layers, cache=args.cache,
-                                        bandwidth=bandwidth, rows=rows), indent=1))
+                                        bandwidth=bandwidth, l2_prefetch_default=default_prefetch, rows=rows), indent=1))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@
 #   bash benchmarks/gpu_session.sh profile     # the 8B fast-loop step profiled with and without the decode attention; host time
 #   bash benchmarks/gpu_session.sh first       # the first call on a new GPU: tps8b, then static-8b's fresh and reused-cache
 #                                              # profiles, in 560 s
+#   bash benchmarks/gpu_session.sh prefetch    # the weight kernels' L2 prefetch (off by default): its GPU test, a layer's
+#                                              # kernels at three depths, the 8B fast loop with it off and on
 #   bash benchmarks/gpu_session.sh tps8b       # tokens/s, 8B shape, batch 1, three modes; the module fusions alone, Liger
 #   bash benchmarks/gpu_session.sh tps8b-b4    # the same at batch 4, without Liger
 #   bash benchmarks/gpu_session.sh eager-order # eager 8B generate, every fusion and the module fusions each in its own process, twice
@@ -161,6 +163,18 @@ pdl)
         step 90 "bench_pdl_$shape.txt" python3 benchmarks/bench_pdl.py --shape "$shape" --out "$out"
     done
     ;;
+prefetch)
+    # HF_FUSED_L2_PREFETCH=1 turns it on at the device's default depth (l2_prefetch_default); the
+    # layer benchmark also tries a quarter and more than twice that, for the depth to choose.
+    step 90 tests_prefetch.txt python3 -m pytest -q -p no:cacheprovider tests/test_eager_launch.py -k pdl
+    step 120 bench_pdl_llama3-8b.txt python3 benchmarks/bench_pdl.py --shape llama3-8b \
+        --l2-prefetch 12288,default,131072 --out "$out"
+    step 60 bench_pdl_llama3.2-1b.txt python3 benchmarks/bench_pdl.py --shape llama3.2-1b --out "$out"
+    tps=(python3 examples/compare_tps.py --shape llama3-8b --modes fast-loop --batch-sizes 1 --new-tokens 64
+        --repeats 2 --peers none)
+    HF_FUSED_L2_PREFETCH=0 step 120 tps_8b_prefetch_off.txt "${tps[@]}" --out "$out/prefetch_off"
+    HF_FUSED_L2_PREFETCH=1 step 120 tps_8b_prefetch_on.txt "${tps[@]}" --out "$out/prefetch_on"
+    ;;
 pdl-tps)
     step 90 tests_pdl.txt python3 -m pytest -q -p no:cacheprovider tests/test_eager_launch.py
     tps=(python3 examples/compare_tps.py --shape llama3-8b --modes fast-loop,hf-static --batch-sizes 1 --new-tokens 64
@@ -177,7 +191,7 @@ ncu)
         --section WarpStateStats --section SchedulerStats python3 benchmarks/ncu_target.py --op rmsnorm_qkv --m 1
     ;;
 *)
-    echo "usage: bash benchmarks/gpu_session.sh first|rope|tests|compiled|profile|tps8b|tps8b-b4|eager-order|tps-smollm2|ops|ops-prefill|static|static-8b|tune|tune-tma|ablate-tma|pdl|pdl-tps|ncu" >&2
+    echo "usage: bash benchmarks/gpu_session.sh first|prefetch|rope|tests|compiled|profile|tps8b|tps8b-b4|eager-order|tps-smollm2|ops|ops-prefill|static|static-8b|tune|tune-tma|ablate-tma|pdl|pdl-tps|ncu" >&2
     exit 2
     ;;
 esac

@@ -191,12 +191,13 @@ def test_pdl_is_off_where_it_cannot_run(monkeypatch):
 
 
 @pytest.mark.skipif(not CUDA or torch.cuda.get_device_capability()[0] < 9, reason="PDL needs a Hopper GPU or later")
-def test_pdl_chain_in_a_cuda_graph_matches_launches_without_it():
+def test_pdl_and_l2_prefetch_in_a_cuda_graph_match_launches_without_them():
     """Two Llama-3-8B layers' decode kernels, each reading what the one before wrote, captured in
     one CUDA graph: norm+qkv, rotary and cache write, attention (split and merge), o_proj,
-    norm+gate/up, down_proj. Launched with PDL they must give bit for bit what they give
-    without it. A kernel that read its inputs before its wait would read the previous replay's
-    values, or the NaN its buffers are poisoned with before each replay."""
+    norm+gate/up, down_proj. Launched with PDL, with and without the weight kernels' L2
+    prefetch, they must give bit for bit what they give without either. A kernel that read its
+    inputs before its wait would read the previous replay's values, or the NaN its buffers are
+    poisoned with before each replay."""
     qkv_mod, gate_up_mod, linear_mod = (OP_MODULES[name] for name in ("rmsnorm_qkv", "rmsnorm_gate_up", "streaming_linear"))
     attention_mod, rope_mod = (importlib.import_module(f"hf_fused.ops.{name}") for name in ("decode_attention", "rope_cache"))
     K, I, Hq, Hkv, D, S, length, dtype = 4096, 14336, 32, 8, 128, 384, 200, torch.bfloat16
@@ -215,7 +216,7 @@ def test_pdl_chain_in_a_cuda_graph_matches_launches_without_it():
     # The caches hold earlier tokens, which no replay changes; each replay writes position `length`.
     caches = [(rand(1, Hkv, S, D), rand(1, Hkv, S, D)) for _ in layers]
 
-    def chain(pdl: bool) -> tuple[list, list]:
+    def chain(pdl: bool, l2_prefetch: int) -> tuple[list, list]:
         launches, outs, h_in = [], [], x
         for layer, (keys, values) in zip(layers, caches):
             qkv, q, attn, h, act, out = (torch.empty(n, device=DEVICE, dtype=dtype) for n in (6144, K, K, K, I, K))
@@ -224,17 +225,20 @@ def test_pdl_chain_in_a_cuda_graph_matches_launches_without_it():
             assert len(attention) == 2, "the chain must take the split attention and its merge"
             steps = [
                 (qkv_mod._rmsnorm_qkv_decode_kernel,
-                 *qkv_mod.decode_launch(h_in, layer["norm"], layer["w_qkv"], None, qkv.view(1, -1), EPS, False, pdl=pdl)),
+                 *qkv_mod.decode_launch(h_in, layer["norm"], layer["w_qkv"], None, qkv.view(1, -1), EPS, False, pdl=pdl,
+                                        l2_prefetch=l2_prefetch)),
                 rope_mod.rope_launch(qkv.view(1, 1, -1), cos, sin, q.view(1, 1, Hq, D), keys, values, position,
                                      num_heads=Hq, num_kv_heads=Hkv, pdl=pdl)[:4],
                 *(launch[:4] for launch in attention),
                 (linear_mod._streaming_linear_kernel,
-                 *linear_mod.stream_launch(attn, layer["w_o"], None, h, residual=h_in.view(-1), pdl=pdl)),
+                 *linear_mod.stream_launch(attn, layer["w_o"], None, h, residual=h_in.view(-1), pdl=pdl,
+                                           l2_prefetch=l2_prefetch)),
                 (gate_up_mod._rmsnorm_gate_up_decode_kernel,
                  *gate_up_mod.decode_launch(h.view(1, K), layer["norm"], layer["w_gu"], act.view(1, -1), EPS, False,
-                                            "silu", pdl=pdl)),
+                                            "silu", pdl=pdl, l2_prefetch=l2_prefetch)),
                 (linear_mod._streaming_linear_kernel,
-                 *linear_mod.stream_launch(act, layer["w_down"], None, out, residual=h, pdl=pdl)),
+                 *linear_mod.stream_launch(act, layer["w_down"], None, out, residual=h, pdl=pdl,
+                                           l2_prefetch=l2_prefetch)),
             ]
             launches += steps
             partials = [attention[0][2][i] for i in (4, 5, 6)]  # the split kernel's partial max, sum and accumulator
@@ -242,9 +246,10 @@ def test_pdl_chain_in_a_cuda_graph_matches_launches_without_it():
             h_in = out.view(1, K)
         return launches, outs
 
-    def run(pdl: bool, replays: int = 3) -> list[list]:
-        launches, outs = chain(pdl)
+    def run(pdl: bool, l2_prefetch: int, replays: int = 3) -> list[list]:
+        launches, outs = chain(pdl, l2_prefetch)
         assert all(bool(meta.get("launch_pdl")) == pdl for _, _, _, meta in launches)
+        assert sum(meta.get("L2_PREFETCH_BYTES", 0) > 0 for _, _, _, meta in launches) == (8 if l2_prefetch else 0)
 
         def step():
             for kernel, grid, args, meta in launches:
@@ -264,11 +269,14 @@ def test_pdl_chain_in_a_cuda_graph_matches_launches_without_it():
             results.append([buffer.clone() for buffer in outs] + [c.clone() for cache in caches for c in cache])
         return results
 
-    want = run(False, replays=1)[0]
+    want = run(False, 0, replays=1)[0]
     assert not any(buffer.isnan().any() for buffer in want)
-    for replay in run(True):
-        for got, expected in zip(replay, want):
-            assert torch.equal(got, expected)
+    prefetch = importlib.import_module("hf_fused.ops._common").l2_prefetch_default(torch.device(DEVICE))
+    assert prefetch > 0, "a Hopper GPU has the bulk L2 prefetch"
+    for pdl, l2_prefetch in [(True, 0), (True, prefetch), (False, prefetch)]:
+        for replay in run(pdl, l2_prefetch):
+            for got, expected in zip(replay, want):
+                assert torch.equal(got, expected), f"pdl={pdl}, l2_prefetch={l2_prefetch}"
 
 
 def test_the_launch_ops_pass_opcheck():

@@ -186,6 +186,78 @@ def pdl_meta(pdl: bool) -> dict:
     return dict(PDL=True, launch_pdl=True) if pdl else dict(PDL=False)
 
 
+# An estimate of how many programs of a one-token streaming kernel an SM holds at once (their
+# registers allow 3 to 4): l2_prefetch_default shares half of L2 among that many per SM.
+RESIDENT_PROGRAMS_PER_SM = 4
+# One bulk prefetch counts 16-byte units in 16 bits on sm_90 (ptxas shifts the size right by 4
+# and keeps the low half), so it takes at most this many bytes.
+MAX_BULK_PREFETCH = 65535 * 16
+
+
+@functools.cache
+def l2_prefetch_default(device: torch.device) -> int:
+    """Bytes of its weight rows that each program of a one-token streaming kernel asks L2 for
+    before it waits for its inputs (_prefetch_rows); 0 where the GPU has no bulk prefetch
+    (before Hopper) or kernels run interpreted.
+
+    Each program holds only a tile or two of its weight in registers, so the loads in flight
+    per SM are few (the 8B QKV kernel: 3 programs an SM, 59% of stalls on global loads,
+    docs/h200/session2/). A bulk prefetch puts the program's next bytes in flight without
+    registers, and, issued before the PDL wait, while the kernels before it still run. The
+    first wave of programs prefetches together, so their share is bounded: half of L2 over
+    RESIDENT_PROGRAMS_PER_SM programs on every SM, which leaves the L2 room for what the
+    programs load and the kernels around them use.
+    """
+    if device.type != "cuda" or triton_interpreter_enabled() or torch.cuda.get_device_capability(device)[0] < 9:
+        return 0
+    props = torch.cuda.get_device_properties(device)
+    return props.L2_cache_size // 2 // (props.multi_processor_count * RESIDENT_PROGRAMS_PER_SM) // 256 * 256
+
+
+def l2_prefetch_bytes(weight: Tensor, max_bytes: int | None = None) -> int:
+    """The L2_PREFETCH_BYTES meta-parameter of a one-token streaming kernel over ``weight``.
+
+    ``max_bytes=None`` takes the device's l2_prefetch_default where HF_FUSED_L2_PREFETCH=1 and
+    nothing otherwise: the prefetch is off by default until an H200 has measured it
+    (benchmarks/bench_pdl.py compares both). 0 also where the weight's rows are not contiguous
+    with 16-byte aligned starts, which the bulk prefetch needs. Storage offsets stand in for the
+    pointers, which traced (fake) tensors lack: allocations themselves are aligned far beyond.
+    """
+    if max_bytes is None:
+        max_bytes = l2_prefetch_default(weight.device) if os.environ.get("HF_FUSED_L2_PREFETCH", "0") == "1" else 0
+    row_bytes = weight.shape[-1] * weight.element_size()
+    aligned = weight.is_contiguous() and row_bytes % 16 == 0 and weight.storage_offset() * weight.element_size() % 16 == 0
+    return min(max_bytes, MAX_BULK_PREFETCH) // 16 * 16 if aligned and weight.dim() == 2 else 0
+
+
+@triton.jit
+def _prefetch_rows(w_ptr, first_row, n_rows, K, MAX_BYTES: tl.constexpr):
+    """Ask L2 for the first MAX_BYTES (a multiple of 16, at most MAX_BULK_PREFETCH) of weight
+    rows first_row .. first_row + n_rows, rows of K contiguous elements whose starts are 16-byte
+    aligned (see l2_prefetch_bytes). Nothing when MAX_BYTES is 0.
+
+    Only a hint: it reads nothing into registers and writes nothing, so it may run before the
+    PDL wait. One thread issues it, as one bulk prefetch that the SM's copy engine splits up: a
+    prefetch per thread would be serialized by ptxas into a loop over the warp's lanes.
+    """
+    if MAX_BYTES > 0:
+        ELEMENT_BYTES: tl.constexpr = w_ptr.dtype.element_ty.primitive_bitwidth // 8
+        size = tl.minimum(n_rows.to(tl.int64) * K * ELEMENT_BYTES, MAX_BYTES).to(tl.int32)
+        start = (w_ptr + first_row.to(tl.int64) * K).to(tl.pointer_type(tl.int8))
+        tl.inline_asm_elementwise(
+            """{
+            .reg .pred first_thread, any_bytes;
+            .reg .b32 tid;
+            mov.u32 tid, %tid.x;
+            setp.eq.u32 first_thread, tid, 0;
+            setp.gt.and.s32 any_bytes, $2, 0, first_thread;
+            @any_bytes cp.async.bulk.prefetch.L2.global [$1], $2;
+            mov.u32 $0, 0;
+            }""",
+            "=r,l,r", [start, size], dtype=tl.int32, is_pure=False, pack=1,
+        )
+
+
 @triton.jit
 def _weight_tile(w_ptrs, k0, n_mask, K, stride_wk, BLOCK_K: tl.constexpr):
     """Columns k0 .. k0 + BLOCK_K of a program's weight rows; zero past K (so a prefetch past

@@ -43,6 +43,7 @@ from hf_fused.ops._common import (
     _decode_split,
     _kernel_flags,
     _normalized_tile,
+    _prefetch_rows,
     _round_to,
     _row_rstd,
     _weight_tile,
@@ -50,6 +51,7 @@ from hf_fused.ops._common import (
     check_inputs,
     compiled_launchable,
     eager_launchable,
+    l2_prefetch_bytes,
     launch_norm,
     on_device_of,
     pdl_meta,
@@ -111,6 +113,7 @@ def _rmsnorm_gate_up_decode_kernel(
     eps: tl.constexpr,
     GEMMA: tl.constexpr, GELU: tl.constexpr, INTERPRETED: tl.constexpr, PDL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NORM_BLOCK_K: tl.constexpr,
+    L2_PREFETCH_BYTES: tl.constexpr,
 ):
     # rmsnorm_qkv's one-token kernel with two accumulators: output column n takes row n of Wg
     # and row I + n of Wu, so one program holds both halves of its outputs' inputs. CUDA-core
@@ -125,6 +128,9 @@ def _rmsnorm_gate_up_decode_kernel(
     wu_ptrs = wg_ptrs + I * stride_wn
     wg_next = _weight_tile(wg_ptrs, 0, n_mask, K, stride_wk, BLOCK_K)
     wu_next = _weight_tile(wu_ptrs, 0, n_mask, K, stride_wk, BLOCK_K)
+    n_rows = tl.minimum(rows_per_program, I - pid * rows_per_program)
+    _prefetch_rows(w_ptr, pid * rows_per_program, n_rows, K, L2_PREFETCH_BYTES // 2)
+    _prefetch_rows(w_ptr, I + pid * rows_per_program, n_rows, K, L2_PREFETCH_BYTES // 2)
     _await_inputs(PDL)
     rstd = _row_rstd(x_ptr, offs_m, M, K, stride_xm, stride_xk, eps, BLOCK_M, NORM_BLOCK_K)
     acc_g = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
@@ -147,11 +153,12 @@ def _rmsnorm_gate_up_decode_kernel(
 
 def decode_launch(
     x, norm_weight, gate_up_weight, y, eps: float, gemma: bool, activation: str, config: DecodeConfig | None = None,
-    pdl: bool = False,
+    pdl: bool = False, l2_prefetch: int | None = None,
 ) -> tuple[tuple[int], tuple, dict]:
     """The weight-streaming kernel's grid, runtime arguments (the four tensors first) and
     meta-parameters: x (1, K), gate_up_weight (2I, K), y (1, I); ``pdl`` launches it with
-    programmatic dependent launch (see pdl_meta)."""
+    programmatic dependent launch (see pdl_meta); ``l2_prefetch`` bytes of each program's rows,
+    half of Wg's and half of Wu's, are prefetched (see l2_prefetch_bytes; None: the default)."""
     M, K = x.shape
     I = gate_up_weight.shape[0] // 2
     if config is None:
@@ -166,7 +173,10 @@ def decode_launch(
         M, I, K, rows_per_program,
         x.stride(0), x.stride(1), gate_up_weight.stride(0), gate_up_weight.stride(1), y.stride(0), y.stride(1),
     )
-    meta = dict(eps=eps, GELU=activation == "gelu_tanh", BLOCK_N=block_n, **_kernel_flags(gemma, config), **pdl_meta(pdl))
+    # Halves that _prefetch_rows can take: multiples of 16 bytes.
+    prefetch = l2_prefetch_bytes(gate_up_weight, l2_prefetch) // 32 * 32
+    meta = dict(eps=eps, GELU=activation == "gelu_tanh", BLOCK_N=block_n, L2_PREFETCH_BYTES=prefetch,
+                **_kernel_flags(gemma, config), **pdl_meta(pdl))
     return (grid,), args, meta
 
 

@@ -40,6 +40,7 @@ from hf_fused.ops._common import (
     _dot,
     _kernel_flags,
     _normalized_tile,
+    _prefetch_rows,
     _round_to,
     _row_rstd,
     _sm_count,
@@ -49,6 +50,7 @@ from hf_fused.ops._common import (
     compiled_launchable,
     eager_launchable,
     h200_tuned,
+    l2_prefetch_bytes,
     launch_norm,
     on_device_of,
     pdl_meta,
@@ -190,6 +192,7 @@ def _rmsnorm_qkv_decode_kernel(
     eps: tl.constexpr,
     HAS_BIAS: tl.constexpr, GEMMA: tl.constexpr, INTERPRETED: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NORM_BLOCK_K: tl.constexpr,
+    L2_PREFETCH_BYTES: tl.constexpr,
 ):
     # Transposed product: acc[n, m] = sum_k W[n, k] * xn[m, k]. N is the long side here, so it
     # takes the tile's first dimension and the few token rows the second. Each program owns
@@ -205,8 +208,11 @@ def _rmsnorm_qkv_decode_kernel(
         # across K once at the end, keeping cross-thread reductions out of the streaming loop.
         # Triton pipelines only loads that feed tl.dot, so the stream is double-buffered by hand:
         # the next weight tile is in flight while this one is multiplied, and the first one is
-        # issued before the norm's reduction, which would otherwise leave the program idle.
+        # issued before the norm's reduction, which would otherwise leave the program idle. So is
+        # the L2 prefetch of the rows' next bytes, if any.
         w_next = _weight_tile(w_ptrs, 0, n_mask, K, stride_wk, BLOCK_K)
+        _prefetch_rows(w_ptr, pid * rows_per_program, tl.minimum(rows_per_program, N - pid * rows_per_program), K,
+                       L2_PREFETCH_BYTES)
         _await_inputs(PDL)
         rstd = _row_rstd(x_ptr, offs_m, M, K, stride_xm, stride_xk, eps, BLOCK_M, NORM_BLOCK_K)
         acc_k = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
@@ -311,11 +317,15 @@ def _rmsnorm_qkv_tma_kernel(
 
 
 def decode_launch(
-    x, norm_weight, qkv_weight, bias, y, eps: float, gemma: bool, config: DecodeConfig | None = None, pdl: bool = False
+    x, norm_weight, qkv_weight, bias, y, eps: float, gemma: bool, config: DecodeConfig | None = None, pdl: bool = False,
+    l2_prefetch: int | None = None,
 ) -> tuple[tuple[int], tuple, dict]:
     """The weight-streaming kernel's grid, runtime arguments (the five tensors first) and
     meta-parameters: x (M, K) with M <= DECODE_MAX_M, qkv_weight (N, K), y (M, N); ``pdl``
-    launches it with programmatic dependent launch (see pdl_meta)."""
+    launches it with programmatic dependent launch (see pdl_meta). One token prefetches
+    ``l2_prefetch`` bytes of each program's rows (see l2_prefetch_bytes; None: the default).
+    More tokens don't: a tensor-core program streams many more rows, whose prefetch together
+    would overrun L2."""
     M, K = x.shape
     N = qkv_weight.shape[0]
     config = config or decode_config(M, N, K, x.device)
@@ -325,8 +335,9 @@ def decode_launch(
         M, N, K, rows_per_program,
         x.stride(0), x.stride(1), qkv_weight.stride(0), qkv_weight.stride(1), y.stride(0), y.stride(1),
     )
+    prefetch = l2_prefetch_bytes(qkv_weight, l2_prefetch) if config.BLOCK_M == 1 else 0
     meta = dict(eps=eps, HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, BLOCK_N=block_n,
-                **_kernel_flags(gemma, config), **pdl_meta(pdl))
+                L2_PREFETCH_BYTES=prefetch, **_kernel_flags(gemma, config), **pdl_meta(pdl))
     return (grid,), args, meta
 
 

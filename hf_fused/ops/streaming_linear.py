@@ -34,6 +34,7 @@ from hf_fused.ops._common import (
     EagerLaunch,
     _await_inputs,
     _decode_split,
+    _prefetch_rows,
     _round_to,
     _weight_tile,
     cached_launch,
@@ -41,6 +42,7 @@ from hf_fused.ops._common import (
     compiled_launchable,
     eager_launchable,
     h200_tuned,
+    l2_prefetch_bytes,
     on_device_of,
     pdl_meta,
     pdl_supported,
@@ -75,7 +77,7 @@ def _streaming_linear_kernel(
     N, K, rows_per_program,
     stride_xk, stride_wn, stride_wk,
     HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, INTERPRETED: tl.constexpr, PDL: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, L2_PREFETCH_BYTES: tl.constexpr,
 ):
     # Each program owns rows_per_program rows of W (BLOCK_N is that rounded up; masked rows cost
     # no traffic) and multiplies into a (BLOCK_N, BLOCK_K) accumulator, reduced across K once at
@@ -87,6 +89,8 @@ def _streaming_linear_kernel(
     n_mask = (rows < rows_per_program) & (offs_n < N)
     w_ptrs = w_ptr + offs_n[:, None] * stride_wn
     w_next = _weight_tile(w_ptrs, 0, n_mask, K, stride_wk, BLOCK_K)
+    _prefetch_rows(w_ptr, pid * rows_per_program, tl.minimum(rows_per_program, N - pid * rows_per_program), K,
+                   L2_PREFETCH_BYTES)
     _await_inputs(PDL)
     acc_k = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -105,18 +109,20 @@ def _streaming_linear_kernel(
 
 def stream_launch(
     x: Tensor, weight: Tensor, bias: Tensor | None, y: Tensor, config: StreamConfig | None = None,
-    residual: Tensor | None = None, pdl: bool = False,
+    residual: Tensor | None = None, pdl: bool = False, l2_prefetch: int | None = None,
 ) -> tuple[tuple[int], tuple, dict]:
     """The streaming kernel's grid, runtime arguments (the five tensors first) and
     meta-parameters: x (K,) or (1, K), weight (N, K), y and residual (N,) contiguous; ``pdl``
-    launches it with programmatic dependent launch (see pdl_meta)."""
+    launches it with programmatic dependent launch (see pdl_meta), ``l2_prefetch`` bytes of each
+    program's rows are prefetched (see l2_prefetch_bytes; None: the default)."""
     N, K = weight.shape
     config = config or stream_config(N, K, x.device)
     rows_per_program, block_n, grid = _decode_split(N, config.rows_per_program, 1, x.device)
     args = (x, weight, bias if bias is not None else y, residual if residual is not None else y, y,
             N, K, rows_per_program, x.stride(-1), weight.stride(0), weight.stride(1))
     meta = dict(HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, INTERPRETED=triton_interpreter_enabled(),
-                BLOCK_N=block_n, BLOCK_K=config.BLOCK_K, num_warps=config.num_warps, **pdl_meta(pdl))
+                BLOCK_N=block_n, BLOCK_K=config.BLOCK_K, L2_PREFETCH_BYTES=l2_prefetch_bytes(weight, l2_prefetch),
+                num_warps=config.num_warps, **pdl_meta(pdl))
     return (grid,), args, meta
 
 
