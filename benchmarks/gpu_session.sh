@@ -24,7 +24,7 @@
 #   bash benchmarks/gpu_session.sh static      # static-cache generate profiled (SmolLM2), with Inductor's code
 #   bash benchmarks/gpu_session.sh static-8b   # static-cache generate profiled at the 8B shape (host events, kernels): fresh, after
 #                                              # eager, and with one StaticCache reused by every call
-#   bash benchmarks/gpu_session.sh tune        # the QKV kernel's config sweep at M = 16
+#   bash benchmarks/gpu_session.sh tune        # the QKV kernel's config sweep at M = 16, both orientations of its product
 #   bash benchmarks/gpu_session.sh pdl         # the weight kernels with and without programmatic dependent launch, in a CUDA graph
 #   bash benchmarks/gpu_session.sh pdl-tps     # PDL's GPU tests; the 8B fast loop and static-cache generate with PDL off,
 #                                              # then on, each process with its own baseline; compiled decoding's tests
@@ -148,7 +148,7 @@ static-8b)
     step 180 static_8b_reused.txt "${static_8b[@]}" --cache reused
     ;;
 tune)
-    step 240 tune_qkv_m16.txt python3 benchmarks/tune_rmsnorm_qkv.py --ms 16 --shapes llama3-8b,llama3-70b \
+    step 540 tune_qkv_m16.txt python3 benchmarks/tune_rmsnorm_qkv.py --ms 16 --shapes llama3-8b,llama3-70b \
         --out "$out/tune_qkv_m16.json"
     ;;
 tune-tma)

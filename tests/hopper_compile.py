@@ -1,35 +1,44 @@
-"""Compile the one-token weight-streaming kernels for an H100/H200 (sm_90) without a GPU, with
-and without the L2 prefetch, and print what each holds as JSON: run by test_l2_prefetch.py in a
-process without the Triton interpreter. Triton's ptxas assembles the PTX, so an instruction the
-GPU would refuse fails here."""
+"""Compile the weight-streaming kernels for an H100/H200 (sm_90) without a GPU and print what each
+holds as JSON: run by test_l2_prefetch.py in a process without the Triton interpreter. Triton's
+ptxas assembles the PTX, so an instruction the GPU would refuse fails here.
+
+Arguments are specialized as Triton's launcher specializes them on a GPU (16-byte aligned
+pointers, integers divisible by 16): without that, loads are not vectorized and the pipeliner
+leaves them alone, and the code would not be the GPU's.
+"""
 
 import importlib
 import json
+import re
+from dataclasses import replace
 
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.jit import create_function_from_signature
 
 qkv = importlib.import_module("hf_fused.ops.rmsnorm_qkv")
 gate_up = importlib.import_module("hf_fused.ops.rmsnorm_gate_up")
 linear = importlib.import_module("hf_fused.ops.streaming_linear")
 
-LAUNCH_OPTIONS = ("num_warps", "num_stages", "launch_pdl")
-POINTER_TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
+SM90 = GPUTarget("cuda", 90, 32)
 
 
 def compile_for_sm90(kernel, grid, args, meta) -> dict:
-    """The kernel as a launch with these arguments would compile it on an sm_90 GPU."""
-    signature = {name: POINTER_TYPES[a.dtype] if isinstance(a, torch.Tensor) else "i32"
-                 for name, a in zip(kernel.arg_names, args)}
-    constexprs = {name: value for name, value in meta.items() if name not in LAUNCH_OPTIONS}
-    signature.update(dict.fromkeys(constexprs, "constexpr"))
-    options = {name: meta[name] for name in ("num_warps", "num_stages") if name in meta}
-    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
-                              target=GPUTarget("cuda", 90, 32), options=options)
+    """The kernel as a launch with these arguments and meta-parameters would compile it on an
+    sm_90 GPU, and what its code holds."""
+    backend = make_backend(SM90)
+    bind = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound_args, specialization, options = bind(*args, **meta)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, meta, bound_args, specialization, options)
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=SM90, options=options.__dict__)
+    ttgir = compiled.asm["ttgir"]
     return dict(prefetches=compiled.asm["ptx"].count("cp.async.bulk.prefetch.L2.global"),
-                cubin_bytes=len(compiled.asm["cubin"]), prefetch_bytes=meta["L2_PREFETCH_BYTES"])
+                cubin_bytes=len(compiled.asm["cubin"]), prefetch_bytes=meta["L2_PREFETCH_BYTES"],
+                async_copies=ttgir.count("ttg.async_copy_global_to_local"),
+                mma_versions=sorted(set(re.findall(r"versionMajor = (\d+)", ttgir))),
+                wgmma_waits=[int(n) for n in re.findall(r"warp_group_dot_wait .*pendings = (\d+)", ttgir)])
 
 
 def main() -> None:
@@ -46,6 +55,12 @@ def main() -> None:
             x, norm, gate_up_weight, act, 1e-5, False, "silu", pdl=True, l2_prefetch=prefetch))
         report[f"streaming_linear/{prefetch}"] = compile_for_sm90(linear._streaming_linear_kernel, *linear.stream_launch(
             act.view(-1), down_weight, None, out, residual=out, pdl=True, l2_prefetch=prefetch))
+    # Tensor cores, 16 tokens, in both orientations (DecodeConfig.tokens_as_rows).
+    x16, y16 = torch.randn(16, K, dtype=dtype), torch.empty(16, N, dtype=dtype)
+    for tokens_as_rows in (False, True):
+        config = replace(qkv.decode_config(16, N, K), tokens_as_rows=tokens_as_rows)
+        report[f"rmsnorm_qkv_m16/{tokens_as_rows}"] = compile_for_sm90(qkv._rmsnorm_qkv_decode_kernel, *qkv.decode_launch(
+            x16, norm, qkv_weight, None, y16, 1e-5, False, config, pdl=True, l2_prefetch=48 * 1024))
     print(json.dumps(report))
 
 

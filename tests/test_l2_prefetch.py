@@ -1,6 +1,7 @@
-"""The one-token weight-streaming kernels' L2 prefetch: where it applies, what the launches pass,
-and that the kernels with it compile for Hopper. Its GPU check, bit for bit against launches
-without it, is test_eager_launch.py's CUDA-graph chain."""
+"""The weight-streaming kernels' L2 prefetch: where it applies, what the launches pass, and that
+the kernels with it compile for Hopper as intended (with the tensor-core decode kernel's two
+orientations). Its GPU check, bit for bit against launches without it, is test_eager_launch.py's
+CUDA-graph chain."""
 
 from __future__ import annotations
 
@@ -48,17 +49,17 @@ def test_the_prefetch_is_rounded_to_what_one_bulk_prefetch_takes():
     assert common.MAX_BULK_PREFETCH % 16 == 0
 
 
-def test_launches_pass_the_prefetch_to_the_one_token_kernels_only():
+def test_launches_pass_the_prefetch_to_every_weight_streaming_kernel():
     K, N, I, dtype = 64, 96, 80, torch.bfloat16
     x, norm = torch.randn(1, K, dtype=dtype), torch.ones(K, dtype=dtype)
     meta = qkv.decode_launch(x, norm, torch.empty(N, K, dtype=dtype), None, torch.empty(1, N, dtype=dtype), 1e-5,
                              False, l2_prefetch=4096)[2]
     assert meta["L2_PREFETCH_BYTES"] == 4096
-    # Several tokens stream through tl.dot, many rows a program: no prefetch.
+    # Several tokens stream through tl.dot, many rows a program, and prefetch no more of them.
     x4 = torch.randn(4, K, dtype=dtype)
     meta = qkv.decode_launch(x4, norm, torch.empty(N, K, dtype=dtype), None, torch.empty(4, N, dtype=dtype), 1e-5,
                              False, l2_prefetch=4096)[2]
-    assert meta["L2_PREFETCH_BYTES"] == 0
+    assert meta["L2_PREFETCH_BYTES"] == 4096
     # Gate/up splits it between Wg's rows and Wu's, each half a multiple of 16 bytes.
     meta = gate_up.decode_launch(x, norm, torch.empty(2 * I, K, dtype=dtype), torch.empty(1, I, dtype=dtype), 1e-5,
                                  False, "silu", l2_prefetch=4096 + 16)[2]
@@ -79,8 +80,17 @@ def test_the_kernels_with_the_prefetch_compile_for_hopper():
     report = json.loads(run.stdout.strip().splitlines()[-1])
     # One bulk prefetch per weight slab: Wg's and Wu's in the gate/up kernel.
     slabs = {"rmsnorm_qkv": 1, "rmsnorm_gate_up": 2, "streaming_linear": 1}
-    for name, kernel in report.items():
-        op, prefetch = name.split("/")
-        assert kernel["cubin_bytes"] > 0
-        assert kernel["prefetch_bytes"] == int(prefetch)
-        assert kernel["prefetches"] == (slabs[op] if int(prefetch) else 0), name
+    for op in slabs:
+        for prefetch in (0, 48 * 1024):
+            kernel = report[f"{op}/{prefetch}"]
+            assert kernel["cubin_bytes"] > 0
+            assert kernel["prefetch_bytes"] == prefetch
+            assert kernel["prefetches"] == (slabs[op] if prefetch else 0), (op, prefetch)
+    # 16 tokens: both orientations stream the weight through pipelined copies and prefetch the
+    # program's first bytes. Transposed, the tokens are wgmma's shared-memory operand and each
+    # K step waits for its dot; as rows they stay in registers, through an Ampere-style mma.
+    transposed, as_rows = report["rmsnorm_qkv_m16/False"], report["rmsnorm_qkv_m16/True"]
+    assert transposed["async_copies"] > 0 and as_rows["async_copies"] > 0
+    assert transposed["prefetches"] == as_rows["prefetches"] == 1
+    assert transposed["mma_versions"] == ["3"] and transposed["wgmma_waits"] == [0]
+    assert as_rows["mma_versions"] == ["2"] and as_rows["wgmma_waits"] == []

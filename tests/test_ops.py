@@ -5,6 +5,7 @@ on a GPU they run the compiled kernels, at real model sizes too.
 """
 
 import importlib
+from dataclasses import replace
 
 import pytest
 import torch
@@ -73,6 +74,19 @@ def test_kernel_accuracy(M, dtype, norm_style):
     x, norm_weight, qkv_weight, _ = make_inputs(M, 80, 208, dtype, seed=M)
     y = rmsnorm_qkv(x, norm_weight, qkv_weight, eps=EPS, norm_style=norm_style)
     assert_close_to_reference(y, x, norm_weight, qkv_weight, None, norm_style)
+
+
+# On the GPU also the Llama-3-8B shape, where the tensor-core tiles are the ones decode_config picks.
+@pytest.mark.parametrize("K, N", [(80, 208)] + ([(4096, 6144)] if CUDA else []))
+@pytest.mark.parametrize("M", [3, 16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("tokens_as_rows", [False, True])
+def test_tensor_core_decode_in_both_orientations(tokens_as_rows, dtype, M, K, N):
+    x, norm_weight, qkv_weight, bias = make_inputs(M, K, N, dtype, bias=True, seed=M)
+    config = replace(op_module.decode_config(M, N, K, torch.device(DEVICE)), tokens_as_rows=tokens_as_rows)
+    y = x.new_empty(M, N)
+    op_module.launch_decode(x, norm_weight, qkv_weight, bias, y, EPS, False, config)
+    assert_close_to_reference(y, x, norm_weight, qkv_weight, bias, "llama")
 
 
 @pytest.mark.parametrize("prefill", op_module.PREFILL_PATHS)

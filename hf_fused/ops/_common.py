@@ -97,11 +97,15 @@ def runs_triton(x: Tensor) -> bool:
     return x.device.type == "cpu" and triton_interpreter_enabled() and not is_fake(x)
 
 
+# Config fields that shape a launch but are not meta-parameters of every kernel that takes the config.
+_LAUNCH_FIELDS = ("rows_per_program", "tokens_as_rows")
+
+
 def _kernel_flags(gemma: bool, config) -> dict:
     return dict(
         GEMMA=gemma,
         INTERPRETED=triton_interpreter_enabled(),
-        **{name: value for name, value in vars(config).items() if name != "rows_per_program"},
+        **{name: value for name, value in vars(config).items() if name not in _LAUNCH_FIELDS},
     )
 
 
@@ -186,8 +190,9 @@ def pdl_meta(pdl: bool) -> dict:
     return dict(PDL=True, launch_pdl=True) if pdl else dict(PDL=False)
 
 
-# An estimate of how many programs of a one-token streaming kernel an SM holds at once (their
-# registers allow 3 to 4): l2_prefetch_default shares half of L2 among that many per SM.
+# An estimate of how many programs of a weight-streaming kernel an SM holds at once (the one-token
+# kernels' registers allow 2 to 4, the tensor-core one's shared memory 1 to 3):
+# l2_prefetch_default shares half of L2 among that many per SM.
 RESIDENT_PROGRAMS_PER_SM = 4
 # One bulk prefetch counts 16-byte units in 16 bits on sm_90 (ptxas shifts the size right by 4
 # and keeps the low half), so it takes at most this many bytes.
@@ -196,7 +201,7 @@ MAX_BULK_PREFETCH = 65535 * 16
 
 @functools.cache
 def l2_prefetch_default(device: torch.device) -> int:
-    """Bytes of its weight rows that each program of a one-token streaming kernel asks L2 for
+    """Bytes of its weight rows that each program of a weight-streaming kernel asks L2 for
     before it waits for its inputs (_prefetch_rows); 0 where the GPU has no bulk prefetch
     (before Hopper) or kernels run interpreted.
 
@@ -215,7 +220,7 @@ def l2_prefetch_default(device: torch.device) -> int:
 
 
 def l2_prefetch_bytes(weight: Tensor, max_bytes: int | None = None) -> int:
-    """The L2_PREFETCH_BYTES meta-parameter of a one-token streaming kernel over ``weight``.
+    """The L2_PREFETCH_BYTES meta-parameter of a weight-streaming kernel over ``weight``.
 
     ``max_bytes=None`` takes the device's l2_prefetch_default where HF_FUSED_L2_PREFETCH=1 and
     nothing otherwise: the prefetch is off by default until an H200 has measured it

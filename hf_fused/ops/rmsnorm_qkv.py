@@ -13,7 +13,8 @@ to rstd, then normalizes each K-chunk of x in registers right before it meets th
 Paths, chosen by M:
 - decode (M <= DECODE_MAX_M; in fp32 one token only, see streams_weights): weight streaming.
   Cost is reading W once, so every SM gets an equal share of W's rows and keeps its loads in
-  flight; the few token rows ride along in registers.
+  flight; the few token rows ride along in registers. One token multiplies on CUDA cores, more
+  on tensor cores, in either orientation of the product (DecodeConfig.tokens_as_rows).
 - prefill, "fused": a tiled tl.dot GEMM with grouped program order for L2 reuse.
 - prefill, "tma" (bf16 on Hopper and later): a persistent tl.dot GEMM fed by TMA tensor
   descriptors, with the norm's reduction carried along its K loop (see _rmsnorm_qkv_tma_kernel).
@@ -93,7 +94,15 @@ def rmsnorm_qkv_ref(
 @dataclass(frozen=True)
 class DecodeConfig:
     """Launch parameters of the weight-streaming kernel. Each program streams rows_per_program
-    rows of W; None shares the rows equally among the SMs, so that no SM idles in a tail wave."""
+    rows of W; None shares the rows equally among the SMs, so that no SM idles in a tail wave.
+
+    tokens_as_rows (tensor cores, from two tokens on) multiplies y = xn @ W.T with the tokens as
+    the tile's rows, instead of y.T = W @ xn.T. Transposed, the normalized tokens are the second
+    operand of the dot, which Hopper's wgmma takes from shared memory only: each K step stores
+    them there and waits for its dot before the next (sm_90 code: warp_group_dot_wait with no
+    dot left pending). As the first operand they stay in registers, and up to 16 tokens make
+    the dot an Ampere-style mma, whose weight tiles come through the same pipelined copies.
+    """
 
     BLOCK_M: int
     BLOCK_K: int
@@ -101,6 +110,7 @@ class DecodeConfig:
     num_warps: int
     num_stages: int
     rows_per_program: int | None
+    tokens_as_rows: bool = False
 
 
 @dataclass(frozen=True)
@@ -192,11 +202,12 @@ def _rmsnorm_qkv_decode_kernel(
     eps: tl.constexpr,
     HAS_BIAS: tl.constexpr, GEMMA: tl.constexpr, INTERPRETED: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NORM_BLOCK_K: tl.constexpr,
-    L2_PREFETCH_BYTES: tl.constexpr,
+    L2_PREFETCH_BYTES: tl.constexpr, TOKENS_AS_ROWS: tl.constexpr,
 ):
     # Transposed product: acc[n, m] = sum_k W[n, k] * xn[m, k]. N is the long side here, so it
-    # takes the tile's first dimension and the few token rows the second. Each program owns
-    # rows_per_program rows of W; BLOCK_N is that rounded up, and masked rows cost no traffic.
+    # takes the tile's first dimension and the few token rows the second (TOKENS_AS_ROWS computes
+    # acc.T on tensor cores instead; see DecodeConfig). Each program owns rows_per_program rows
+    # of W; BLOCK_N is that rounded up, and masked rows cost no traffic.
     pid = tl.program_id(0)
     offs_m = tl.arange(0, BLOCK_M)
     rows = tl.arange(0, BLOCK_N)
@@ -224,13 +235,29 @@ def _rmsnorm_qkv_decode_kernel(
             acc_k += w.to(tl.float32) * xn.to(tl.float32)
         acc = tl.sum(acc_k, axis=1)[:, None]
     else:
+        # The norm's reduction runs before the pipelined stream starts: the prefetch, if any,
+        # has the program's first weight bytes on their way to L2 meanwhile.
+        _prefetch_rows(w_ptr, pid * rows_per_program, tl.minimum(rows_per_program, N - pid * rows_per_program), K,
+                       L2_PREFETCH_BYTES)
         _await_inputs(PDL)
         rstd = _row_rstd(x_ptr, offs_m, M, K, stride_xm, stride_xk, eps, BLOCK_M, NORM_BLOCK_K)
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            xn = _normalized_tile(x_ptr, norm_w_ptr, offs_m, offs_k, rstd, M, K, stride_xm, stride_xk, GEMMA, INTERPRETED)
-            acc = _dot(_weight_tile(w_ptrs, k0, n_mask, K, stride_wk, BLOCK_K), tl.trans(xn), acc, INTERPRETED, IEEE)
+        if TOKENS_AS_ROWS:
+            acc_t = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                xn = _normalized_tile(x_ptr, norm_w_ptr, offs_m, offs_k, rstd, M, K, stride_xm, stride_xk, GEMMA,
+                                      INTERPRETED)
+                acc_t = _dot(xn, tl.trans(_weight_tile(w_ptrs, k0, n_mask, K, stride_wk, BLOCK_K)), acc_t, INTERPRETED,
+                             IEEE)
+            acc = tl.trans(acc_t)
+        else:
+            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                xn = _normalized_tile(x_ptr, norm_w_ptr, offs_m, offs_k, rstd, M, K, stride_xm, stride_xk, GEMMA,
+                                      INTERPRETED)
+                acc = _dot(_weight_tile(w_ptrs, k0, n_mask, K, stride_wk, BLOCK_K), tl.trans(xn), acc, INTERPRETED,
+                           IEEE)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
     y_ptrs = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None] * stride_yn
@@ -322,10 +349,10 @@ def decode_launch(
 ) -> tuple[tuple[int], tuple, dict]:
     """The weight-streaming kernel's grid, runtime arguments (the five tensors first) and
     meta-parameters: x (M, K) with M <= DECODE_MAX_M, qkv_weight (N, K), y (M, N); ``pdl``
-    launches it with programmatic dependent launch (see pdl_meta). One token prefetches
-    ``l2_prefetch`` bytes of each program's rows (see l2_prefetch_bytes; None: the default).
-    More tokens don't: a tensor-core program streams many more rows, whose prefetch together
-    would overrun L2."""
+    launches it with programmatic dependent launch (see pdl_meta); ``l2_prefetch`` bytes of each
+    program's rows are prefetched (see l2_prefetch_bytes; None: the default). A tensor-core
+    program streams many more rows than a one-token one, but prefetches no more of them, so
+    that the programs together stay within the share of L2 that l2_prefetch_default allows."""
     M, K = x.shape
     N = qkv_weight.shape[0]
     config = config or decode_config(M, N, K, x.device)
@@ -335,9 +362,10 @@ def decode_launch(
         M, N, K, rows_per_program,
         x.stride(0), x.stride(1), qkv_weight.stride(0), qkv_weight.stride(1), y.stride(0), y.stride(1),
     )
-    prefetch = l2_prefetch_bytes(qkv_weight, l2_prefetch) if config.BLOCK_M == 1 else 0
     meta = dict(eps=eps, HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, BLOCK_N=block_n,
-                L2_PREFETCH_BYTES=prefetch, **_kernel_flags(gemma, config), **pdl_meta(pdl))
+                L2_PREFETCH_BYTES=l2_prefetch_bytes(qkv_weight, l2_prefetch),
+                TOKENS_AS_ROWS=config.tokens_as_rows and config.BLOCK_M > 1, **_kernel_flags(gemma, config),
+                **pdl_meta(pdl))
     return (grid,), args, meta
 
 
