@@ -25,6 +25,7 @@
 #   bash benchmarks/gpu_session.sh static-8b   # static-cache generate profiled at the 8B shape (host events, kernels): fresh, after
 #                                              # eager, and with one StaticCache reused by every call
 #   bash benchmarks/gpu_session.sh tune        # the QKV kernel's config sweep at M = 16, both orientations of its product
+#   bash benchmarks/gpu_session.sh tune-prefetch # the one-token kernels' config sweeps with the L2 prefetch on (8B shapes)
 #   bash benchmarks/gpu_session.sh pdl         # the weight kernels with and without programmatic dependent launch, in a CUDA graph
 #   bash benchmarks/gpu_session.sh pdl-tps     # PDL's GPU tests; the 8B fast loop and static-cache generate with PDL off,
 #                                              # then on, each process with its own baseline; compiled decoding's tests
@@ -151,6 +152,17 @@ tune)
     step 540 tune_qkv_m16.txt python3 benchmarks/tune_rmsnorm_qkv.py --ms 16 --shapes llama3-8b,llama3-70b \
         --out "$out/tune_qkv_m16.json"
     ;;
+tune-prefetch)
+    # With the prefetch in flight, registers no longer bound the bytes a program has in flight, so
+    # the best rows per program and tile width may move; the sweeps print the heuristic beside.
+    export HF_FUSED_L2_PREFETCH=1
+    step 180 tune_qkv_prefetch.txt python3 benchmarks/tune_rmsnorm_qkv.py --ms 1 --shapes llama3-8b,llama3-70b \
+        --out "$out/tune_qkv_prefetch.json"
+    step 180 tune_gate_up_prefetch.txt python3 benchmarks/tune_rmsnorm_qkv.py --op gate_up --ms 1 --shapes llama3-8b \
+        --out "$out/tune_gate_up_prefetch.json"
+    step 180 tune_linear_prefetch.txt python3 benchmarks/tune_rmsnorm_qkv.py --op linear --ms 1 \
+        --shapes llama3-8b/o_proj,llama3-8b/down_proj --out "$out/tune_linear_prefetch.json"
+    ;;
 tune-tma)
     step 500 tune_tma.txt python3 benchmarks/tune_rmsnorm_qkv.py --prefill tma --ms 2048,16384 \
         --shapes llama3-8b,llama3-70b --out "$out/tune_tma.json"
@@ -191,7 +203,7 @@ ncu)
         --section WarpStateStats --section SchedulerStats python3 benchmarks/ncu_target.py --op rmsnorm_qkv --m 1
     ;;
 *)
-    echo "usage: bash benchmarks/gpu_session.sh first|prefetch|rope|tests|compiled|profile|tps8b|tps8b-b4|eager-order|tps-smollm2|ops|ops-prefill|static|static-8b|tune|tune-tma|ablate-tma|pdl|pdl-tps|ncu" >&2
+    echo "usage: bash benchmarks/gpu_session.sh first|prefetch|rope|tests|compiled|profile|tps8b|tps8b-b4|eager-order|tps-smollm2|ops|ops-prefill|static|static-8b|tune|tune-prefetch|tune-tma|ablate-tma|pdl|pdl-tps|ncu" >&2
     exit 2
     ;;
 esac
