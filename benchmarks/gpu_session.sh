@@ -69,7 +69,7 @@ rope)
     step 60 bench_decode_attention.txt python3 benchmarks/bench_decode_attention.py --out "$out"
     ;;
 tests)
-    step 540 tests.txt python3 -m pytest -q -p no:cacheprovider tests/test_eager_launch.py tests/test_ops.py \
+    step 540 tests.txt python3 -m pytest -q -p no:cacheprovider tests/test_eager_launch.py tests/test_device_configs.py tests/test_ops.py \
         tests/test_ops_gate_up.py tests/test_ops_streaming_linear.py tests/test_models.py tests/test_decode_attention.py
     ;;
 compiled)
@@ -178,7 +178,8 @@ pdl)
 prefetch)
     # HF_FUSED_L2_PREFETCH=1 turns it on at the device's default depth (l2_prefetch_default); the
     # layer benchmark also tries a quarter and more than twice that, for the depth to choose.
-    step 90 tests_prefetch.txt python3 -m pytest -q -p no:cacheprovider tests/test_eager_launch.py -k pdl
+    step 90 tests_prefetch.txt python3 -m pytest -q -s -p no:cacheprovider tests/test_eager_launch.py \
+        tests/test_device_configs.py -k "pdl or this_gpu"
     step 120 bench_pdl_llama3-8b.txt python3 benchmarks/bench_pdl.py --shape llama3-8b \
         --l2-prefetch 12288,default,131072 --out "$out"
     step 60 bench_pdl_llama3.2-1b.txt python3 benchmarks/bench_pdl.py --shape llama3.2-1b --out "$out"

@@ -117,15 +117,45 @@ def _sm_count(device: torch.device) -> int:
 
 @functools.cache
 def device_name(device: torch.device) -> str:
-    """The GPU's name, which picks a per-device tune where one was measured; "" off CUDA."""
+    """The GPU's name; "" off CUDA."""
     return torch.cuda.get_device_name(device) if device.type == "cuda" else ""
 
 
-def h200_tuned(device: torch.device | None) -> bool:
-    """Whether the one-token kernels take their H200 tune (benchmarks/tune_rmsnorm_qkv.py, run on
-    an H200: docs/h200/README.md). An H200 streams 1.4x an H100's bytes through the same 132 SMs,
-    and there half the rows per program (twice the programs in flight) measured fastest."""
-    return device is not None and device_name(device).startswith("NVIDIA H200")
+# Peak DRAM bytes a second per SM from which the weight-streaming kernels take the configurations
+# measured on an H200 (36 GB/s an SM: 4.8 TB/s over 132 SMs) rather than on an H100 SXM (25 GB/s).
+# Between the two, a bit below their geometric mean (30); nothing in between was measured (an
+# H100 NVL, 29.5, takes the H200's).
+FAST_STREAM_PER_SM = 28e9
+
+
+@functools.cache
+def peak_bandwidth_per_sm(device: torch.device) -> float | None:
+    """The GPU's peak DRAM bandwidth (double data rate over the memory bus) over its SM count, in
+    bytes a second; None off CUDA, or where torch does not report the memory's clock and width."""
+    if device.type != "cuda":
+        return None
+    props = torch.cuda.get_device_properties(device)
+    clock_khz, bus_bits = getattr(props, "memory_clock_rate", 0), getattr(props, "memory_bus_width", 0)
+    if not clock_khz or not bus_bits:
+        return None
+    return 2 * clock_khz * 1e3 * bus_bits / 8 / props.multi_processor_count
+
+
+def streams_fast_per_sm(device: torch.device | None) -> bool:
+    """Whether the weight-streaming kernels take the configurations of a GPU that streams many bytes
+    per SM, tuned on an H200 (benchmarks/tune_rmsnorm_qkv.py; docs/h200/README.md).
+
+    An H200 streams 1.4x an H100's bytes through the same 132 SMs, and there half the rows per
+    program (twice the programs in flight) measured fastest. What sets that is the bandwidth each
+    SM has to keep busy, so the class follows peak_bandwidth_per_sm, and the name only where torch
+    reports no memory clock.
+    """
+    if device is None:
+        return False
+    per_sm = peak_bandwidth_per_sm(device)
+    if per_sm is None:
+        return device_name(device).startswith("NVIDIA H200")
+    return per_sm >= FAST_STREAM_PER_SM
 
 
 def _decode_split(rows: int, rows_per_program: int | None, block_m: int, device: torch.device) -> tuple[int, int, int]:

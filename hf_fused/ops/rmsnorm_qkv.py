@@ -50,7 +50,6 @@ from hf_fused.ops._common import (
     check_inputs,
     compiled_launchable,
     eager_launchable,
-    h200_tuned,
     l2_prefetch_bytes,
     launch_norm,
     on_device_of,
@@ -59,6 +58,7 @@ from hf_fused.ops._common import (
     rmsnorm_ref,
     runs_triton,
     signature,
+    streams_fast_per_sm,
     triton_interpreter_enabled,
 )
 
@@ -137,7 +137,7 @@ def streams_weights(M: int, dtype: torch.dtype) -> bool:
 
 def decode_config(M: int, N: int, K: int, device: torch.device | None = None) -> DecodeConfig:
     """Heuristic for the weight-streaming kernel, read off benchmarks/tune_rmsnorm_qkv.py on an
-    H100, and for one token on an H200 (h200_tuned) off the same sweep there.
+    H100, and for one token on an H200 (streams_fast_per_sm) off the same sweep there.
 
     One token streams on CUDA cores, its whole row normalized up front (those loads gate the
     weight stream). From two tokens on, rows pad to 16 or more and go through tl.dot, with
@@ -146,14 +146,14 @@ def decode_config(M: int, N: int, K: int, device: torch.device | None = None) ->
     large = N * K >= 4096 * 4096
     if M == 1:
         norm_block_k = min(triton.next_power_of_2(K), 4096)
-        if h200_tuned(device):
+        if streams_fast_per_sm(device):
             return DecodeConfig(1, 1024 if K <= 4096 else 512, norm_block_k, num_warps=4, num_stages=1, rows_per_program=8)
         return DecodeConfig(1, 512, norm_block_k, num_warps=4, num_stages=4, rows_per_program=16 if large else 8)
     block_m = max(16, triton.next_power_of_2(M))
     if block_m == 16:
         # On an H200 the 70B shape's weight (84M elements) streamed 14% faster with one equal
         # share per SM (docs/h200/session2/README.md); the 8B shape's measured the same either way.
-        rows = None if h200_tuned(device) and N * K >= 8192 * 8192 else (64 if large else 32)
+        rows = None if streams_fast_per_sm(device) and N * K >= 8192 * 8192 else (64 if large else 32)
         return DecodeConfig(16, 128, 128, num_warps=8, num_stages=4, rows_per_program=rows)
     return DecodeConfig(block_m, 64, 128, num_warps=4, num_stages=3, rows_per_program=64)
 

@@ -41,13 +41,13 @@ from hf_fused.ops._common import (
     check_operands,
     compiled_launchable,
     eager_launchable,
-    h200_tuned,
     l2_prefetch_bytes,
     on_device_of,
     pdl_meta,
     pdl_supported,
     runs_triton,
     signature,
+    streams_fast_per_sm,
     triton_interpreter_enabled,
 )
 
@@ -64,8 +64,8 @@ class StreamConfig:
 
 def stream_config(N: int, K: int, device: torch.device | None = None) -> StreamConfig:
     """Heuristic read off benchmarks/tune_rmsnorm_qkv.py --op linear on an H100, and on an H200
-    (h200_tuned), where a long K (down_proj of a 70B) streams fastest in 1024-wide tiles on 8 warps."""
-    if h200_tuned(device):
+    (streams_fast_per_sm), where a long K (down_proj of a 70B) streams fastest in 1024-wide tiles on 8 warps."""
+    if streams_fast_per_sm(device):
         return StreamConfig(BLOCK_K=1024, num_warps=8, rows_per_program=8) if K >= 16384 else \
             StreamConfig(BLOCK_K=512, num_warps=4, rows_per_program=8)
     return StreamConfig(BLOCK_K=512, num_warps=4, rows_per_program=16 if N * K >= 4096 * 4096 else 8)
