@@ -61,6 +61,13 @@ def main() -> None:
         config = replace(qkv.decode_config(16, N, K), tokens_as_rows=tokens_as_rows)
         report[f"rmsnorm_qkv_m16/{tokens_as_rows}"] = compile_for_sm90(qkv._rmsnorm_qkv_decode_kernel, *qkv.decode_launch(
             x16, norm, qkv_weight, None, y16, 1e-5, False, config, pdl=True, l2_prefetch=48 * 1024))
+    # The gate/up and linear kernels' tensor-core paths, 16 tokens.
+    act16 = torch.empty(16, I, dtype=dtype)
+    report["rmsnorm_gate_up_m16/True"] = compile_for_sm90(gate_up._rmsnorm_gate_up_decode_kernel, *gate_up.decode_launch(
+        x16, norm, gate_up_weight, act16, 1e-5, False, "silu", pdl=True, l2_prefetch=48 * 1024))
+    out16 = torch.empty(16, K, dtype=dtype)
+    report["streaming_linear_m16/True"] = compile_for_sm90(linear._streaming_linear_kernel, *linear.stream_launch(
+        act16, down_weight, None, out16, residual=out16, pdl=True, l2_prefetch=48 * 1024))
     print(json.dumps(report))
 
 

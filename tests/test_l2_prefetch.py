@@ -1,6 +1,6 @@
 """The weight-streaming kernels' L2 prefetch: where it applies, what the launches pass, and that
-the kernels with it compile for Hopper as intended (with the tensor-core decode kernel's two
-orientations). Its GPU check, bit for bit against launches without it, is test_eager_launch.py's
+the kernels with it compile for Hopper as intended (with the tensor-core paths: the QKV kernel's
+two orientations, and the gate/up and linear kernels' few-token paths). Its GPU check, bit for bit against launches without it, is test_eager_launch.py's
 CUDA-graph chain."""
 
 from __future__ import annotations
@@ -94,3 +94,8 @@ def test_the_kernels_with_the_prefetch_compile_for_hopper():
     assert transposed["prefetches"] == as_rows["prefetches"] == 1
     assert transposed["mma_versions"] == ["3"] and transposed["wgmma_waits"] == [0]
     assert as_rows["mma_versions"] == ["2"] and as_rows["wgmma_waits"] == []
+    # The gate/up and linear kernels take a few tokens as rows only: one prefetch per weight slab.
+    for op, slabs in [("rmsnorm_gate_up_m16", 2), ("streaming_linear_m16", 1)]:
+        kernel = report[f"{op}/True"]
+        assert kernel["async_copies"] > 0 and kernel["mma_versions"] == ["2"] and kernel["wgmma_waits"] == [], op
+        assert kernel["prefetches"] == slabs, op

@@ -76,6 +76,32 @@ def test_kernel_accuracy(M, dtype, norm_style, activation):
     assert_close_to_reference(y, x, norm_weight, gate_up_weight, norm_style, activation)
 
 
+# The tensor-core path for a few tokens, which multi_token="stream" takes; on the GPU also at the
+# Llama-3-8B and Gemma-2-2B shapes. x's rows 2 apart: the kernel takes x's strides.
+@pytest.mark.parametrize("K, I", [(80, 104)] + ([(4096, 14336), (2304, 9216)] if torch.cuda.is_available() else []))
+@pytest.mark.parametrize("M", [2, 5, 16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("norm_style, activation", [("llama", "silu"), ("gemma", "gelu_tanh")])
+def test_tensor_core_stream_for_a_few_tokens(norm_style, activation, dtype, M, K, I):
+    x, norm_weight, gate_up_weight = make_inputs(2 * M, K, I, dtype, seed=M)
+    x = x[::2]
+    y = op_module.rmsnorm_gate_up_2d(x, norm_weight, gate_up_weight, EPS, norm_style == "gemma", activation,
+                                     multi_token="stream")
+    assert_close_to_reference(y, x, norm_weight, gate_up_weight, norm_style, activation)
+
+
+def test_the_stream_path_leaves_fp32_and_many_tokens_to_the_split(monkeypatch):
+    calls = []
+    monkeypatch.setattr(op_module, "launch_decode", lambda *args, **kwargs: calls.append(args[0].shape))
+    for M, dtype in [(4, torch.float32), (op_module.STREAM_MAX_M + 1, torch.bfloat16)]:
+        x, norm_weight, gate_up_weight = make_inputs(M, 80, 104, dtype)
+        op_module.rmsnorm_gate_up_2d(x, norm_weight, gate_up_weight, EPS, False, "silu", multi_token="stream")
+    assert calls == []
+    x, norm_weight, gate_up_weight = make_inputs(4, 80, 104, torch.bfloat16)
+    op_module.rmsnorm_gate_up_2d(x, norm_weight, gate_up_weight, EPS, False, "silu", multi_token="stream")
+    assert calls == [(4, 80)]
+
+
 # numpy's exp warns where float32 overflows to inf, which is the intended path to -0.
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
 @pytest.mark.parametrize("activation", ACTIVATIONS)

@@ -61,6 +61,33 @@ def test_residual_is_added(M, dtype):
     assert_close_to_reference(streaming_linear(x[None], weight, None, residual[None])[0], x, weight, None, residual)
 
 
+# The tensor-core path for a few tokens (multi_token="stream"), with and without bias and
+# residual; on the GPU also at the Llama-3-8B o_proj and down_proj shapes. x's rows 3 apart.
+@pytest.mark.parametrize("N, K", [(37, 100), (96, 1100)] + ([(4096, 4096), (4096, 14336)] if torch.cuda.is_available() else []))
+@pytest.mark.parametrize("M", [2, 16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("bias, residual", [(False, False), (True, True)])
+def test_tensor_core_stream_for_a_few_tokens(bias, residual, dtype, M, N, K):
+    x, weight, b = make_inputs(3 * M, K, N, dtype, bias=bias, seed=M + K)
+    x = x[::3]
+    r = (10 * torch.randn(M, N, generator=torch.Generator().manual_seed(7))).to(x) if residual else None
+    y = op_module.streaming_linear_2d(x, weight, b, r, multi_token="stream")
+    assert_close_to_reference(y, x, weight, b, r)
+
+
+def test_the_stream_path_leaves_fp32_and_many_tokens_to_cublas(monkeypatch):
+    calls = []
+    monkeypatch.setattr(op_module, "launch_stream", lambda x, *args, **kwargs: calls.append(tuple(x.shape)))
+    for M, dtype in [(4, torch.float32), (op_module.STREAM_MAX_M + 1, torch.bfloat16)]:
+        x, weight, _ = make_inputs(M, 100, 37, dtype)
+        op_module.streaming_linear_2d(x, weight, None, None, multi_token="stream")
+    assert calls == []
+    x, weight, _ = make_inputs(4, 100, 37, torch.bfloat16)
+    op_module.streaming_linear_2d(x, weight, None, None, multi_token="stream")
+    op_module.streaming_linear_2d(x, weight, None, None)
+    assert calls == [(4, 100)], "the default leaves a few tokens to cuBLAS"
+
+
 def test_one_token_runs_the_kernel(monkeypatch):
     """In the registered op (compiled code; eager calls are tests/test_eager_launch.py's), one
     token launches the streaming kernel with its own row split, more tokens F.linear."""

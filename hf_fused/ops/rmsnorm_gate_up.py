@@ -15,10 +15,15 @@ Paths, chosen by M:
 - one token: weight streaming, as rmsnorm_qkv's one-token kernel. Each program streams the
   same rows of Wg and of Wu, so act(g) * u is formed in registers and neither g nor u reaches
   memory.
-- more tokens: a Triton norm pass, cuBLAS on the concatenated [Wg; Wu], the activation in
-  PyTorch. On an H100 a tl.dot streaming kernel lost to this from 4 tokens on: at 16 tokens on
-  the Llama-3-8B shape it took 103 µs against 90 µs for the compiled norm + GEMM + activation
-  (docs/bench_rmsnorm_gate_up.md), and a batch-4 decode ran 5% slower with it.
+- 2 to STREAM_MAX_M tokens, multi_token="stream" (bf16 and fp16): the same kernel on tensor
+  cores, the tokens as the tiles' rows (rmsnorm_qkv's DecodeConfig.tokens_as_rows).
+- more tokens, and "split" (DEFAULT_MULTI_TOKEN): a Triton norm pass, cuBLAS on the concatenated
+  [Wg; Wu], the activation in PyTorch. On an H100 an earlier tl.dot streaming kernel, with the
+  transposed product (its tokens wgmma's shared-memory operand), lost to this from 4 tokens on:
+  at 16 tokens on the Llama-3-8B shape it took 103 µs against 90 µs for the compiled norm + GEMM
+  + activation (docs/bench_rmsnorm_gate_up.md), and a batch-4 decode ran 5% slower with it.
+  "stream" stays off by default until a GPU has measured it against "split"
+  (benchmarks/bench_rmsnorm_gate_up.py times both).
 
 Launch parameters are rmsnorm_qkv's heuristic for the same weight bytes; on an H100 the
 Llama-3-8B shape at M=1 runs at 90% of its bytes floor (docs/bench_rmsnorm_gate_up.md).
@@ -41,6 +46,7 @@ from hf_fused.ops._common import (
     EagerLaunch,
     _await_inputs,
     _decode_split,
+    _dot,
     _kernel_flags,
     _normalized_tile,
     _prefetch_rows,
@@ -64,6 +70,9 @@ from hf_fused.ops.rmsnorm_qkv import DecodeConfig, decode_config
 
 # transformers' ACT2FN["silu"] and ACT2FN["gelu_pytorch_tanh"] call exactly these.
 ACTIVATIONS = {"silu": F.silu, "gelu_tanh": functools.partial(F.gelu, approximate="tanh")}
+MULTI_TOKEN_PATHS = ("split", "stream")
+DEFAULT_MULTI_TOKEN = "split"
+STREAM_MAX_M = 16  # one 16-row tile of tokens
 
 
 def rmsnorm_gate_up_ref(
@@ -115,10 +124,8 @@ def _rmsnorm_gate_up_decode_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NORM_BLOCK_K: tl.constexpr,
     L2_PREFETCH_BYTES: tl.constexpr,
 ):
-    # rmsnorm_qkv's one-token kernel with two accumulators: output column n takes row n of Wg
-    # and row I + n of Wu, so one program holds both halves of its outputs' inputs. CUDA-core
-    # multiply-adds, reduced across K once after the streaming loop, with the weight stream
-    # double-buffered by hand. BLOCK_M is 1 (the launcher's config), the helpers take it as a tile.
+    # rmsnorm_qkv's weight-streaming kernel with two accumulators: output column n takes row n of
+    # Wg and row I + n of Wu, so one program holds both halves of its outputs' inputs.
     pid = tl.program_id(0)
     offs_m = tl.arange(0, BLOCK_M)
     rows = tl.arange(0, BLOCK_N)
@@ -126,27 +133,46 @@ def _rmsnorm_gate_up_decode_kernel(
     n_mask = (rows < rows_per_program) & (offs_n < I)
     wg_ptrs = w_ptr + offs_n[:, None] * stride_wn
     wu_ptrs = wg_ptrs + I * stride_wn
-    wg_next = _weight_tile(wg_ptrs, 0, n_mask, K, stride_wk, BLOCK_K)
-    wu_next = _weight_tile(wu_ptrs, 0, n_mask, K, stride_wk, BLOCK_K)
     n_rows = tl.minimum(rows_per_program, I - pid * rows_per_program)
-    _prefetch_rows(w_ptr, pid * rows_per_program, n_rows, K, L2_PREFETCH_BYTES // 2)
-    _prefetch_rows(w_ptr, I + pid * rows_per_program, n_rows, K, L2_PREFETCH_BYTES // 2)
-    _await_inputs(PDL)
-    rstd = _row_rstd(x_ptr, offs_m, M, K, stride_xm, stride_xk, eps, BLOCK_M, NORM_BLOCK_K)
-    acc_g = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    acc_u = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        wg, wu = wg_next, wu_next
-        wg_next = _weight_tile(wg_ptrs, k0 + BLOCK_K, n_mask, K, stride_wk, BLOCK_K)
-        wu_next = _weight_tile(wu_ptrs, k0 + BLOCK_K, n_mask, K, stride_wk, BLOCK_K)
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        xn = _normalized_tile(x_ptr, norm_w_ptr, offs_m, offs_k, rstd, M, K, stride_xm, stride_xk, GEMMA, INTERPRETED)
-        xn = xn.to(tl.float32)
-        acc_g += wg.to(tl.float32) * xn
-        acc_u += wu.to(tl.float32) * xn
-    g = tl.sum(acc_g, axis=1)[:, None]
-    u = tl.sum(acc_u, axis=1)[:, None]
-    y = _gated(g, u, y_ptr.dtype.element_ty, GELU, INTERPRETED)
+    if BLOCK_M == 1:
+        # One token: CUDA-core multiply-adds, reduced across K once after the streaming loop,
+        # the weight stream double-buffered by hand (see rmsnorm_qkv's kernel).
+        wg_next = _weight_tile(wg_ptrs, 0, n_mask, K, stride_wk, BLOCK_K)
+        wu_next = _weight_tile(wu_ptrs, 0, n_mask, K, stride_wk, BLOCK_K)
+        _prefetch_rows(w_ptr, pid * rows_per_program, n_rows, K, L2_PREFETCH_BYTES // 2)
+        _prefetch_rows(w_ptr, I + pid * rows_per_program, n_rows, K, L2_PREFETCH_BYTES // 2)
+        _await_inputs(PDL)
+        rstd = _row_rstd(x_ptr, offs_m, M, K, stride_xm, stride_xk, eps, BLOCK_M, NORM_BLOCK_K)
+        acc_g = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            wg, wu = wg_next, wu_next
+            wg_next = _weight_tile(wg_ptrs, k0 + BLOCK_K, n_mask, K, stride_wk, BLOCK_K)
+            wu_next = _weight_tile(wu_ptrs, k0 + BLOCK_K, n_mask, K, stride_wk, BLOCK_K)
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            xn = _normalized_tile(x_ptr, norm_w_ptr, offs_m, offs_k, rstd, M, K, stride_xm, stride_xk, GEMMA, INTERPRETED)
+            xn = xn.to(tl.float32)
+            acc_g += wg.to(tl.float32) * xn
+            acc_u += wu.to(tl.float32) * xn
+        y = _gated(tl.sum(acc_g, axis=1)[:, None], tl.sum(acc_u, axis=1)[:, None], y_ptr.dtype.element_ty, GELU,
+                   INTERPRETED)
+    else:
+        # A few tokens: tensor cores, the tokens as the tiles' rows (rmsnorm_qkv's DecodeConfig
+        # says why), both weight tiles through the pipelined copies.
+        _prefetch_rows(w_ptr, pid * rows_per_program, n_rows, K, L2_PREFETCH_BYTES // 2)
+        _prefetch_rows(w_ptr, I + pid * rows_per_program, n_rows, K, L2_PREFETCH_BYTES // 2)
+        _await_inputs(PDL)
+        rstd = _row_rstd(x_ptr, offs_m, M, K, stride_xm, stride_xk, eps, BLOCK_M, NORM_BLOCK_K)
+        acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            xn = _normalized_tile(x_ptr, norm_w_ptr, offs_m, offs_k, rstd, M, K, stride_xm, stride_xk, GEMMA, INTERPRETED)
+            wg = _weight_tile(wg_ptrs, k0, n_mask, K, stride_wk, BLOCK_K)
+            wu = _weight_tile(wu_ptrs, k0, n_mask, K, stride_wk, BLOCK_K)
+            acc_g = _dot(xn, tl.trans(wg), acc_g, INTERPRETED, False)
+            acc_u = _dot(xn, tl.trans(wu), acc_u, INTERPRETED, False)
+        y = tl.trans(_gated(acc_g, acc_u, y_ptr.dtype.element_ty, GELU, INTERPRETED))
     y_ptrs = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None] * stride_yn
     tl.store(y_ptrs, y, mask=n_mask[:, None] & (offs_m[None, :] < M))
 
@@ -156,7 +182,7 @@ def decode_launch(
     pdl: bool = False, l2_prefetch: int | None = None,
 ) -> tuple[tuple[int], tuple, dict]:
     """The weight-streaming kernel's grid, runtime arguments (the four tensors first) and
-    meta-parameters: x (1, K), gate_up_weight (2I, K), y (1, I); ``pdl`` launches it with
+    meta-parameters: x (M, K) with M <= STREAM_MAX_M, gate_up_weight (2I, K), y (M, I); ``pdl`` launches it with
     programmatic dependent launch (see pdl_meta); ``l2_prefetch`` bytes of each program's rows,
     half of Wg's and half of Wu's, are prefetched (see l2_prefetch_bytes; None: the default)."""
     M, K = x.shape
@@ -183,18 +209,22 @@ def decode_launch(
 def launch_decode(
     x, norm_weight, gate_up_weight, y, eps: float, gemma: bool, activation: str, config: DecodeConfig | None = None
 ) -> None:
-    """The weight-streaming kernel: x (1, K), gate_up_weight (2I, K), y (1, I)."""
+    """The weight-streaming kernel: x (M, K) with M <= STREAM_MAX_M, gate_up_weight (2I, K), y (M, I)."""
     grid, args, meta = decode_launch(x, norm_weight, gate_up_weight, y, eps, gemma, activation, config)
     wrap_triton(_rmsnorm_gate_up_decode_kernel)[grid](*args, **meta)
 
 
 def rmsnorm_gate_up_2d(
-    x: Tensor, norm_weight: Tensor, gate_up_weight: Tensor, eps: float, gemma: bool, activation: str
+    x: Tensor, norm_weight: Tensor, gate_up_weight: Tensor, eps: float, gemma: bool, activation: str,
+    multi_token: str = DEFAULT_MULTI_TOKEN,
 ) -> Tensor:
-    """Dispatch by token count: x (M, K) -> (M, I)."""
+    """Dispatch by token count: x (M, K) -> (M, I). ``multi_token`` picks the path for
+    2 <= M <= STREAM_MAX_M in bf16 and fp16 (see MULTI_TOKEN_PATHS); fp32 splits, as rmsnorm_qkv's
+    several tokens do (streams_weights)."""
     M, K = x.shape
     I = gate_up_weight.shape[0] // 2
-    if M <= 1:
+    streams = M <= 1 or (multi_token == "stream" and M <= STREAM_MAX_M and x.dtype != torch.float32)
+    if streams:
         y = x.new_empty((M, I))
         if M > 0:
             launch_decode(x, norm_weight, gate_up_weight, y, eps, gemma, activation)

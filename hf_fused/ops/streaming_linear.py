@@ -13,9 +13,14 @@ rounded once, from fp32; the stock layer rounds the projection, then the sum.
 
 Paths, chosen by M (tokens):
 - M == 1: the streaming kernel, fp32 accumulation on CUDA cores, one rounding at the end.
-- otherwise: F.linear (cuBLAS), then the residual added as the stock layer adds it. From a
-  few tokens on, cuBLAS's tensor-core GEMV matches the streaming kernels measured so far
-  (docs/bench_rmsnorm_qkv.md, M=16), and with no norm to fuse there is nothing else to gain.
+- 2 to STREAM_MAX_M tokens, multi_token="stream" (bf16 and fp16): the same kernel on tensor
+  cores, the tokens as the tiles' rows (rmsnorm_qkv's DecodeConfig.tokens_as_rows), the
+  residual in its epilogue.
+- otherwise, and "cublas" (DEFAULT_MULTI_TOKEN): F.linear (cuBLAS), then the residual added as
+  the stock layer adds it. At 16 tokens cuBLAS's tensor-core GEMV ran ahead of the streaming
+  kernels measured before this one (docs/bench_rmsnorm_qkv.md), whose products were transposed;
+  "stream" stays off by default until a GPU has measured it (benchmarks/bench_streaming_linear.py
+  times both).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from hf_fused.ops._common import (
     EagerLaunch,
     _await_inputs,
     _decode_split,
+    _dot,
     _prefetch_rows,
     _round_to,
     _weight_tile,
@@ -52,59 +58,88 @@ from hf_fused.ops._common import (
 )
 
 
+MULTI_TOKEN_PATHS = ("cublas", "stream")
+DEFAULT_MULTI_TOKEN = "cublas"
+STREAM_MAX_M = 16  # one 16-row tile of tokens
+
+
 @dataclass(frozen=True)
 class StreamConfig:
     """Launch parameters of the streaming kernel. Each program streams rows_per_program rows of
-    W; None shares the rows equally among the SMs."""
+    W; None shares the rows equally among the SMs. num_stages is how many weight tiles the
+    pipeliner keeps in flight on tensor cores (a few tokens); one token double-buffers by hand."""
 
     BLOCK_K: int
     num_warps: int
     rows_per_program: int | None
+    num_stages: int = 1
 
 
-def stream_config(N: int, K: int, device: torch.device | None = None) -> StreamConfig:
+def stream_config(N: int, K: int, device: torch.device | None = None, M: int = 1) -> StreamConfig:
     """Heuristic read off benchmarks/tune_rmsnorm_qkv.py --op linear on an H100, and on an H200
-    (streams_fast_per_sm), where a long K (down_proj of a 70B) streams fastest in 1024-wide tiles on 8 warps."""
+    (streams_fast_per_sm), where a long K (down_proj of a 70B) streams fastest in 1024-wide tiles
+    on 8 warps. A few tokens take rmsnorm_qkv's tensor-core tiles at 16 tokens (decode_config),
+    not yet swept for this kernel."""
+    large = N * K >= 4096 * 4096
+    if M > 1:
+        return StreamConfig(BLOCK_K=128, num_warps=4, rows_per_program=64 if large else 32, num_stages=4)
     if streams_fast_per_sm(device):
         return StreamConfig(BLOCK_K=1024, num_warps=8, rows_per_program=8) if K >= 16384 else \
             StreamConfig(BLOCK_K=512, num_warps=4, rows_per_program=8)
-    return StreamConfig(BLOCK_K=512, num_warps=4, rows_per_program=16 if N * K >= 4096 * 4096 else 8)
+    return StreamConfig(BLOCK_K=512, num_warps=4, rows_per_program=16 if large else 8)
 
 
 @triton.jit
 def _streaming_linear_kernel(
     x_ptr, w_ptr, b_ptr, r_ptr, y_ptr,
-    N, K, rows_per_program,
-    stride_xk, stride_wn, stride_wk,
+    M, N, K, rows_per_program,
+    stride_xm, stride_xk, stride_wn, stride_wk,
     HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, INTERPRETED: tl.constexpr, PDL: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, L2_PREFETCH_BYTES: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, L2_PREFETCH_BYTES: tl.constexpr,
 ):
     # Each program owns rows_per_program rows of W (BLOCK_N is that rounded up; masked rows cost
-    # no traffic) and multiplies into a (BLOCK_N, BLOCK_K) accumulator, reduced across K once at
-    # the end. Triton pipelines only loads that feed tl.dot, so the weight stream is
-    # double-buffered by hand: the next tile is in flight while this one is multiplied.
+    # no traffic). y and the residual are (M, N) contiguous.
     pid = tl.program_id(0)
     rows = tl.arange(0, BLOCK_N)
     offs_n = pid * rows_per_program + rows
     n_mask = (rows < rows_per_program) & (offs_n < N)
     w_ptrs = w_ptr + offs_n[:, None] * stride_wn
-    w_next = _weight_tile(w_ptrs, 0, n_mask, K, stride_wk, BLOCK_K)
-    _prefetch_rows(w_ptr, pid * rows_per_program, tl.minimum(rows_per_program, N - pid * rows_per_program), K,
-                   L2_PREFETCH_BYTES)
-    _await_inputs(PDL)
-    acc_k = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        w = w_next
-        w_next = _weight_tile(w_ptrs, k0 + BLOCK_K, n_mask, K, stride_wk, BLOCK_K)
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + offs_k * stride_xk, mask=offs_k < K, other=0.0)
-        acc_k += w.to(tl.float32) * x.to(tl.float32)[None, :]
-    acc = tl.sum(acc_k, axis=1)
+    n_rows = tl.minimum(rows_per_program, N - pid * rows_per_program)
+    if BLOCK_M == 1:
+        # One token: multiply into a (BLOCK_N, BLOCK_K) accumulator, reduced across K once at the
+        # end. Triton pipelines only loads that feed tl.dot, so the weight stream is
+        # double-buffered by hand: the next tile is in flight while this one is multiplied.
+        w_next = _weight_tile(w_ptrs, 0, n_mask, K, stride_wk, BLOCK_K)
+        _prefetch_rows(w_ptr, pid * rows_per_program, n_rows, K, L2_PREFETCH_BYTES)
+        _await_inputs(PDL)
+        acc_k = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            w = w_next
+            w_next = _weight_tile(w_ptrs, k0 + BLOCK_K, n_mask, K, stride_wk, BLOCK_K)
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + offs_k * stride_xk, mask=offs_k < K, other=0.0)
+            acc_k += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        acc = tl.sum(acc_k, axis=1)[None, :]
+    else:
+        # A few tokens: tensor cores, the tokens as the tiles' rows (rmsnorm_qkv's DecodeConfig
+        # says why), x and the weight tiles through the pipelined copies.
+        _prefetch_rows(w_ptr, pid * rows_per_program, n_rows, K, L2_PREFETCH_BYTES)
+        _await_inputs(PDL)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            x_mask = (tl.arange(0, BLOCK_M)[:, None] < M) & (offs_k[None, :] < K)
+            x = tl.load(x_ptr + tl.arange(0, BLOCK_M)[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=x_mask,
+                        other=0.0)
+            acc = _dot(x, tl.trans(_weight_tile(w_ptrs, k0, n_mask, K, stride_wk, BLOCK_K)), acc, INTERPRETED, False)
+    offs_m = tl.arange(0, BLOCK_M)
     if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    out_offsets = offs_m[:, None] * N + offs_n[None, :]
+    out_mask = (offs_m[:, None] < M) & n_mask[None, :]
     if HAS_RESIDUAL:
-        acc += tl.load(r_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + offs_n, _round_to(acc, y_ptr.dtype.element_ty, INTERPRETED), mask=n_mask)
+        acc += tl.load(r_ptr + out_offsets, mask=out_mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + out_offsets, _round_to(acc, y_ptr.dtype.element_ty, INTERPRETED), mask=out_mask)
 
 
 def stream_launch(
@@ -112,17 +147,23 @@ def stream_launch(
     residual: Tensor | None = None, pdl: bool = False, l2_prefetch: int | None = None,
 ) -> tuple[tuple[int], tuple, dict]:
     """The streaming kernel's grid, runtime arguments (the five tensors first) and
-    meta-parameters: x (K,) or (1, K), weight (N, K), y and residual (N,) contiguous; ``pdl``
-    launches it with programmatic dependent launch (see pdl_meta), ``l2_prefetch`` bytes of each
-    program's rows are prefetched (see l2_prefetch_bytes; None: the default)."""
+    meta-parameters: x (..., K) with M = x.numel() / K <= STREAM_MAX_M rows (a single row any
+    shape, more as (M, K)), weight (N, K), y and residual (M, N)
+    contiguous; ``pdl`` launches it with programmatic dependent launch (see pdl_meta),
+    ``l2_prefetch`` bytes of each program's rows are prefetched (see l2_prefetch_bytes; None:
+    the default)."""
     N, K = weight.shape
-    config = config or stream_config(N, K, x.device)
-    rows_per_program, block_n, grid = _decode_split(N, config.rows_per_program, 1, x.device)
+    M = x.numel() // K
+    config = config or stream_config(N, K, x.device, M)
+    block_m = 1 if M == 1 else max(16, triton.next_power_of_2(M))
+    rows_per_program, block_n, grid = _decode_split(N, config.rows_per_program, block_m, x.device)
+    stride_xm = x.stride(-2) if x.dim() >= 2 and M > 1 else 0
     args = (x, weight, bias if bias is not None else y, residual if residual is not None else y, y,
-            N, K, rows_per_program, x.stride(-1), weight.stride(0), weight.stride(1))
+            M, N, K, rows_per_program, stride_xm, x.stride(-1), weight.stride(0), weight.stride(1))
     meta = dict(HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, INTERPRETED=triton_interpreter_enabled(),
-                BLOCK_N=block_n, BLOCK_K=config.BLOCK_K, L2_PREFETCH_BYTES=l2_prefetch_bytes(weight, l2_prefetch),
-                num_warps=config.num_warps, **pdl_meta(pdl))
+                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=config.BLOCK_K,
+                L2_PREFETCH_BYTES=l2_prefetch_bytes(weight, l2_prefetch), num_warps=config.num_warps,
+                num_stages=config.num_stages, **pdl_meta(pdl))
     return (grid,), args, meta
 
 
@@ -130,7 +171,7 @@ def launch_stream(
     x: Tensor, weight: Tensor, bias: Tensor | None, y: Tensor, config: StreamConfig | None = None,
     residual: Tensor | None = None,
 ) -> None:
-    """The streaming kernel: x (K,) or (1, K), weight (N, K), y and residual (N,) contiguous."""
+    """The streaming kernel, shapes as stream_launch's."""
     grid, args, meta = stream_launch(x, weight, bias, y, config, residual)
     wrap_triton(_streaming_linear_kernel)[grid](*args, **meta)
 
@@ -141,21 +182,32 @@ def linear_ref(x: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor 
     return y if residual is None else residual + y
 
 
-def streams_weights(M: int) -> bool:
-    """Whether M tokens take the streaming kernel rather than cuBLAS."""
-    return M == 1
+def streams_weights(M: int, dtype: torch.dtype, multi_token: str = DEFAULT_MULTI_TOKEN) -> bool:
+    """Whether M tokens take the streaming kernel rather than cuBLAS: one token always; 2 to
+    STREAM_MAX_M in bf16 and fp16 with multi_token="stream" (fp32 would need IEEE dots)."""
+    return M == 1 or (multi_token == "stream" and 1 < M <= STREAM_MAX_M and dtype != torch.float32)
+
+
+def streaming_linear_2d(x: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor | None,
+                        multi_token: str = DEFAULT_MULTI_TOKEN) -> Tensor:
+    """Dispatch by token count: x (M, K) -> (M, N), residual (M, N) contiguous or None;
+    ``multi_token`` picks the path for 2 <= M <= STREAM_MAX_M (see MULTI_TOKEN_PATHS)."""
+    if not streams_weights(x.shape[0], x.dtype, multi_token):
+        return linear_ref(x, weight, bias, residual)
+    y = x.new_empty((x.shape[0], weight.shape[0]))
+    launch_stream(x, weight, bias, y, residual=residual)
+    return y
 
 
 # Traced, autograd and other eager calls go through the registered op, as rmsnorm_qkv's do.
 @triton_op("hf_fused::streaming_linear", mutates_args=())
 def _streaming_linear_op(x: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor | None = None) -> Tensor:
     K = x.shape[-1]
-    M = x.numel() // K
-    if not runs_triton(x) or not streams_weights(M):
+    if not runs_triton(x):
         return linear_ref(x, weight, bias, residual)
-    y = x.new_empty((*x.shape[:-1], weight.shape[0]))
-    launch_stream(x.reshape(K), weight, bias, y, residual=None if residual is None else residual.reshape(-1))
-    return y
+    residual_2d = None if residual is None else residual.reshape(-1, weight.shape[0])
+    y = streaming_linear_2d(x.reshape(-1, K), weight, bias, residual_2d)
+    return y.view(*x.shape[:-1], weight.shape[0])
 
 
 def _check_inputs(x: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor | None = None) -> None:
