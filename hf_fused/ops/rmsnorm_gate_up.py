@@ -133,16 +133,18 @@ def _rmsnorm_gate_up_decode_kernel(
     n_mask = (rows < rows_per_program) & (offs_n < I)
     wg_ptrs = w_ptr + offs_n[:, None] * stride_wn
     wu_ptrs = wg_ptrs + I * stride_wn
-    n_rows = tl.minimum(rows_per_program, I - pid * rows_per_program)
     if BLOCK_M == 1:
-        # One token: CUDA-core multiply-adds, reduced across K once after the streaming loop,
-        # the weight stream double-buffered by hand (see rmsnorm_qkv's kernel).
+        # One token streams on CUDA cores, its weight double-buffered by hand (see rmsnorm_qkv's
+        # kernel): the first tiles go out before the wait.
         wg_next = _weight_tile(wg_ptrs, 0, n_mask, K, stride_wk, BLOCK_K)
         wu_next = _weight_tile(wu_ptrs, 0, n_mask, K, stride_wk, BLOCK_K)
-        _prefetch_rows(w_ptr, pid * rows_per_program, n_rows, K, L2_PREFETCH_BYTES // 2)
-        _prefetch_rows(w_ptr, I + pid * rows_per_program, n_rows, K, L2_PREFETCH_BYTES // 2)
-        _await_inputs(PDL)
-        rstd = _row_rstd(x_ptr, offs_m, M, K, stride_xm, stride_xk, eps, BLOCK_M, NORM_BLOCK_K)
+    n_rows = tl.minimum(rows_per_program, I - pid * rows_per_program)
+    _prefetch_rows(w_ptr, pid * rows_per_program, n_rows, K, L2_PREFETCH_BYTES // 2)
+    _prefetch_rows(w_ptr, I + pid * rows_per_program, n_rows, K, L2_PREFETCH_BYTES // 2)
+    _await_inputs(PDL)
+    rstd = _row_rstd(x_ptr, offs_m, M, K, stride_xm, stride_xk, eps, BLOCK_M, NORM_BLOCK_K)
+    if BLOCK_M == 1:
+        # Multiply-adds into (BLOCK_N, BLOCK_K) accumulators, reduced across K once at the end.
         acc_g = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         acc_u = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
@@ -159,10 +161,6 @@ def _rmsnorm_gate_up_decode_kernel(
     else:
         # A few tokens: tensor cores, the tokens as the tiles' rows (rmsnorm_qkv's DecodeConfig
         # says why), both weight tiles through the pipelined copies.
-        _prefetch_rows(w_ptr, pid * rows_per_program, n_rows, K, L2_PREFETCH_BYTES // 2)
-        _prefetch_rows(w_ptr, I + pid * rows_per_program, n_rows, K, L2_PREFETCH_BYTES // 2)
-        _await_inputs(PDL)
-        rstd = _row_rstd(x_ptr, offs_m, M, K, stride_xm, stride_xk, eps, BLOCK_M, NORM_BLOCK_K)
         acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
