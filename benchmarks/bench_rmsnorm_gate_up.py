@@ -4,6 +4,7 @@
 
 For each shape (K -> I, the weight [Wg; Wu] being (2I, K)) and token count M, in bf16, it times:
   fused       hf_fused.ops.rmsnorm_gate_up, SiLU (for M > 1: Triton norm, cuBLAS, then silu * up in PyTorch)
+  stream      for 2 <= M <= 16, the op's tensor-core kernel instead (multi_token="stream")
   eager       LlamaRMSNorm, then gate and up nn.Linear and silu(gate) * up (what transformers runs
               before down_proj)
   compiled2   torch.compile of eager
@@ -30,6 +31,7 @@ from timing import copies_for  # noqa: E402
 
 from hf_fused.ops import rmsnorm_gate_up, rmsnorm_gate_up_ref  # noqa: E402
 from hf_fused.ops._common import rmsnorm_ref  # noqa: E402
+from hf_fused.ops.rmsnorm_gate_up import STREAM_MAX_M, rmsnorm_gate_up_2d  # noqa: E402
 
 SHAPES = {  # name: (K hidden, I intermediate)
     "smollm2-135m": (576, 1536),
@@ -89,6 +91,10 @@ def bench_point(name, M, bandwidth, flops):
         "compiled1": [lambda nw=nw, w=w: compiled1(x, nw, w) for nw, w in zip(norm_weights, weights)],
         "gemm_only": [lambda w=w: F.linear(x, w) for w in weights],
     }
+    streams = 1 < M <= STREAM_MAX_M
+    if streams:
+        calls["stream"] = [lambda nw=nw, w=w: rmsnorm_gate_up_2d(x, nw, w, EPS, False, "silu", multi_token="stream")
+                           for nw, w in zip(norm_weights, weights)]
     exact = rmsnorm_gate_up_ref(x, norm_weights[0], weights[0], eps=EPS, upcast=True)
 
     moved = N * K * 2 + (M * K + M * I + K) * 2
@@ -96,6 +102,7 @@ def bench_point(name, M, bandwidth, flops):
            "floor_us": floor_us(moved, 2 * M * N * K, bandwidth, flops), "bytes": moved,
            "fused_rel_err": rel_err(rmsnorm_gate_up(x, norm_weights[0], weights[0], eps=EPS), exact),
            "torch_rel_err": rel_err(rmsnorm_gate_up_ref(x, norm_weights[0], weights[0], eps=EPS), exact),
+           **({"stream_rel_err": rel_err(calls["stream"][0](), exact)} if streams else {}),
            **time_variants(calls)}
     del weights, norm_weights, unfused, calls
     torch.cuda.empty_cache()
@@ -106,7 +113,7 @@ OP = OpBench(
     stem="bench_rmsnorm_gate_up",
     shapes=list(SHAPES),
     peers={"eager": "eager", "compiled2": "compiled2", "compiled1": "compiled1", "gemm_only": "cuBLAS GEMM only"},
-    extra={"fused_launch_us": "fused launch", "eager_launch_us": "eager launch"},
+    extra={"stream_graph_us": "stream", "fused_launch_us": "fused launch", "eager_launch_us": "eager launch"},
     bench_point=bench_point,
 )
 

@@ -4,6 +4,7 @@
 
 For each shape (K -> N) and token count M, in bf16, it times:
   fused       hf_fused.ops.rmsnorm_qkv (for M > 64 its default prefill path: Triton norm, then cuBLAS)
+  tokens_as_rows  for 2 <= M <= 16, the tensor-core decode kernel with DecodeConfig.tokens_as_rows
   fused_gemm  for M > 64, the single fused tl.dot GEMM kernel instead
   tma_gemm    for M > 64, the persistent TMA tl.dot GEMM kernel, the norm's reduction in its K loop
   eager3      LlamaRMSNorm, then three nn.Linear (what transformers runs)
@@ -18,6 +19,7 @@ The floor is max(bytes / copy bandwidth, flops / matmul rate), both measured in 
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -29,7 +31,7 @@ from report import OpBench, compiled, floor_us, main, rel_err, time_variants  # 
 from timing import copies_for  # noqa: E402
 
 from hf_fused.ops import rmsnorm_qkv, rmsnorm_qkv_ref  # noqa: E402
-from hf_fused.ops.rmsnorm_qkv import DECODE_MAX_M, rmsnorm_qkv_2d  # noqa: E402
+from hf_fused.ops.rmsnorm_qkv import DECODE_MAX_M, decode_config, launch_decode, rmsnorm_qkv_2d  # noqa: E402
 
 SHAPES = {  # name: (K hidden, N = q + k + v rows)
     "smollm2-135m": (576, 960),
@@ -95,6 +97,14 @@ def bench_point(name, M, bandwidth, flops):
         "compiled1": [lambda nw=nw, w=w: compiled1(x, nw, w) for nw, w in zip(norm_weights, weights)],
         "gemm_only": [lambda w=w: F.linear(x, w) for w in weights],
     }
+    as_rows_y = None
+    if 1 < M <= 16:  # the tensor-core decode kernel with the product's other orientation
+        config = replace(decode_config(M, N, K, x.device), tokens_as_rows=True)
+        as_rows_y = x.new_empty(M, N)
+        calls["tokens_as_rows"] = [
+            lambda nw=nw, w=w: launch_decode(x, nw, w, None, as_rows_y, EPS, False, config)
+            for nw, w in zip(norm_weights, weights)
+        ]
     if M > DECODE_MAX_M:
         calls["fused_gemm"] = [
             lambda nw=nw, w=w: rmsnorm_qkv_2d(x, nw, w, None, EPS, False, prefill="fused")
@@ -119,6 +129,9 @@ def bench_point(name, M, bandwidth, flops):
            "torch_rel_err": rel_err(norm_then_linear(x, norm_weights[0], weights[0]), exact),
            **({"tma_rel_err": rel_err(tma_y, exact)} if "tma_gemm" in calls else {}),
            **time_variants(calls)}
+    if as_rows_y is not None:  # the output of the last timed call, on weights[-1]
+        row["tokens_as_rows_rel_err"] = rel_err(as_rows_y, rmsnorm_qkv_ref(x, norm_weights[-1], weights[-1], eps=EPS,
+                                                                         upcast=True))
     del weights, norm_weights, unfused, calls
     torch.cuda.empty_cache()
     return row
@@ -128,7 +141,7 @@ OP = OpBench(
     stem="bench_rmsnorm_qkv",
     shapes=list(SHAPES),
     peers={"eager3": "eager3", "compiled3": "compiled3", "compiled1": "compiled1", "gemm_only": "cuBLAS no norm"},
-    extra={"fused_gemm_graph_us": "fused GEMM kernel", "tma_gemm_graph_us": "TMA GEMM kernel", "fused_launch_us": "fused launch",
+    extra={"tokens_as_rows_graph_us": "tokens as rows", "fused_gemm_graph_us": "fused GEMM kernel", "tma_gemm_graph_us": "TMA GEMM kernel", "fused_launch_us": "fused launch",
            "eager3_launch_us": "eager3 launch"},
     bench_point=bench_point,
 )

@@ -4,6 +4,7 @@
 
 For each projection shape (K -> N) and token count M, in bf16, it times:
   fused       hf_fused.ops.streaming_linear (the streaming kernel at M=1, cuBLAS from M=2 on)
+  stream      for 2 <= M <= 16, the op's tensor-core kernel instead (multi_token="stream")
   cublas      F.linear, what nn.Linear runs
   compiled    torch.compile of F.linear
 Timed as bench_rmsnorm_qkv.py times the QKV op: µs per call in a CUDA graph over >= 400 MB of
@@ -24,6 +25,7 @@ from report import OpBench, compiled, floor_us, main, rel_err, time_variants  # 
 from timing import copies_for  # noqa: E402
 
 from hf_fused.ops import streaming_linear  # noqa: E402
+from hf_fused.ops.streaming_linear import STREAM_MAX_M, streaming_linear_2d  # noqa: E402
 
 SHAPES = {  # name: (K in features, N out features)
     "smollm2-135m/o_proj": (576, 576),
@@ -53,12 +55,16 @@ def bench_point(name, M, bandwidth, flops):
         "cublas": [lambda w=w: F.linear(x, w) for w in weights],
         "compiled": [lambda w=w: compiled_linear(x, w) for w in weights],
     }
+    streams = 1 < M <= STREAM_MAX_M
+    if streams:
+        calls["stream"] = [lambda w=w: streaming_linear_2d(x, w, None, None, multi_token="stream") for w in weights]
     exact = F.linear(x.double(), weights[0].double())
     moved = (N * K + M * K + M * N) * 2
     row = {"shape": name, "M": M, "K": K, "N": N, "copies": copies,
            "floor_us": floor_us(moved, 2 * M * N * K, bandwidth, flops), "bytes": moved,
            "fused_rel_err": rel_err(streaming_linear(x, weights[0]), exact),
            "torch_rel_err": rel_err(F.linear(x, weights[0]), exact),
+           **({"stream_rel_err": rel_err(calls["stream"][0](), exact)} if streams else {}),
            **time_variants(calls)}
     del weights, calls
     torch.cuda.empty_cache()
@@ -69,7 +75,7 @@ OP = OpBench(
     stem="bench_streaming_linear",
     shapes=list(SHAPES),
     peers={"cublas": "cuBLAS", "compiled": "compiled"},
-    extra={"fused_launch_us": "fused launch", "cublas_launch_us": "cuBLAS launch"},
+    extra={"stream_graph_us": "stream", "fused_launch_us": "fused launch", "cublas_launch_us": "cuBLAS launch"},
     bench_point=bench_point,
 )
 

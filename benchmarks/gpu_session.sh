@@ -26,6 +26,7 @@
 #                                              # eager, and with one StaticCache reused by every call
 #   bash benchmarks/gpu_session.sh tune        # the QKV kernel's config sweep at M = 16, both orientations of its product
 #   bash benchmarks/gpu_session.sh tune-prefetch # the one-token kernels' config sweeps with the L2 prefetch on (8B shapes)
+#   bash benchmarks/gpu_session.sh tune-few    # the gate/up and linear kernels' tensor-core paths (multi_token="stream"), 8B
 #   bash benchmarks/gpu_session.sh pdl         # the weight kernels with and without programmatic dependent launch, in a CUDA graph
 #   bash benchmarks/gpu_session.sh pdl-tps     # PDL's GPU tests; the 8B fast loop and static-cache generate with PDL off,
 #                                              # then on, each process with its own baseline; compiled decoding's tests
@@ -163,6 +164,13 @@ tune-prefetch)
     step 180 tune_linear_prefetch.txt python3 benchmarks/tune_rmsnorm_qkv.py --op linear --ms 1 \
         --shapes llama3-8b/o_proj,llama3-8b/down_proj --out "$out/tune_linear_prefetch.json"
     ;;
+tune-few)
+    # Off by default until these and the op benchmarks' `stream` columns (the ops stage) measure them.
+    step 260 tune_gate_up_few.txt python3 benchmarks/tune_rmsnorm_qkv.py --op gate_up --ms 4,16 --shapes llama3-8b \
+        --out "$out/tune_gate_up_few.json"
+    step 290 tune_linear_few.txt python3 benchmarks/tune_rmsnorm_qkv.py --op linear --ms 16 \
+        --shapes llama3-8b/o_proj,llama3-8b/down_proj --out "$out/tune_linear_few.json"
+    ;;
 tune-tma)
     step 500 tune_tma.txt python3 benchmarks/tune_rmsnorm_qkv.py --prefill tma --ms 2048,16384 \
         --shapes llama3-8b,llama3-70b --out "$out/tune_tma.json"
@@ -204,7 +212,7 @@ ncu)
         --section WarpStateStats --section SchedulerStats python3 benchmarks/ncu_target.py --op rmsnorm_qkv --m 1
     ;;
 *)
-    echo "usage: bash benchmarks/gpu_session.sh first|prefetch|rope|tests|compiled|profile|tps8b|tps8b-b4|eager-order|tps-smollm2|ops|ops-prefill|static|static-8b|tune|tune-prefetch|tune-tma|ablate-tma|pdl|pdl-tps|ncu" >&2
+    echo "usage: bash benchmarks/gpu_session.sh first|prefetch|rope|tests|compiled|profile|tps8b|tps8b-b4|eager-order|tps-smollm2|ops|ops-prefill|static|static-8b|tune|tune-prefetch|tune-few|tune-tma|ablate-tma|pdl|pdl-tps|ncu" >&2
     exit 2
     ;;
 esac

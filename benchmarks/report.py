@@ -63,8 +63,10 @@ def time_variants(calls: dict[str, Sequence[Callable[[], object]]]) -> dict[str,
 
 
 def format_table(rows: Sequence[dict], op: OpBench) -> str:
+    # An extra column shows where some row of the run has it: runs before a column existed print as they did.
+    extra = {key: name for key, name in op.extra.items() if any(key in r for r in rows)}
     headers = ["shape", "M", "fused µs", "GB/s", "TFLOP/s", "% of floor", *op.peers.values(), "floor",
-               "vs best peer", *op.extra.values()]
+               "vs best peer", *extra.values()]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for r in rows:
         us = r["fused_graph_us"]
@@ -74,7 +76,7 @@ def format_table(rows: Sequence[dict], op: OpBench) -> str:
             f"{2 * r['M'] * r['N'] * r['K'] / us / 1e6:.1f}", f"{100 * r['floor_us'] / us:.0f}%",
             *(f"{r[f'{p}_graph_us']:.1f}" for p in op.peers),
             f"{r['floor_us']:.1f}", f"{best_peer / us:.2f}x",
-            *(f"{r[key]:.1f}" if key in r else "-" for key in op.extra),
+            *(f"{r[key]:.1f}" if key in r else "-" for key in extra),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -9,9 +9,9 @@
 Past 64 tokens the QKV op's sweep times the prefill kernel that --prefill names: the fused
 tl.dot GEMM (gemm_config) or the persistent TMA one (tma_config), over the same tile grid.
 
-The gate_up op has only its one-token kernel (more tokens take the Triton norm and cuBLAS); its
-rows per program count output columns, each streaming one row of W_gate and one of W_up.
-The streaming linear op has only its one-token kernel (stream_config).
+The gate_up and streaming linear ops sweep their kernels up to 16 tokens (their multi_token="stream"
+paths from two tokens on; more tokens take cuBLAS). The gate_up op's rows per program count output
+columns, each streaming one row of W_gate and one of W_up.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import bench_rmsnorm_qkv  # noqa: E402
 import bench_streaming_linear  # noqa: E402
 from timing import copies_for, environment, time_graph  # noqa: E402
 
+from hf_fused.ops.rmsnorm_gate_up import STREAM_MAX_M  # noqa: E402
 from hf_fused.ops.rmsnorm_qkv import (  # noqa: E402
     DECODE_MAX_M,
     DecodeConfig,
@@ -62,7 +63,8 @@ ONE_TOKEN_GRID = ((8, 512, 4), (8, 1024, 4), (8, 1024, 8), (16, 512, 4), (16, 51
 TMA_SHARED_BYTES = 212 * 1024
 
 
-def candidate_configs(M: int, K: int, accumulators: int = 1, prefill: str = "fused") -> list:
+def candidate_configs(M: int, K: int, accumulators: int = 1, prefill: str = "fused",
+                      orientations: tuple[bool, ...] = (False, True)) -> list:
     if M <= DECODE_MAX_M:
         wide_norm = max(128, min(1 << (K - 1).bit_length(), 4096))
         if M == 1:  # CUDA cores, hand double-buffered: num_stages has no pipelined loop to act on
@@ -74,7 +76,7 @@ def candidate_configs(M: int, K: int, accumulators: int = 1, prefill: str = "fus
         # tokens_as_rows picks the product's orientation (DecodeConfig). 16 rows a program never
         # led the H200's sweep (docs/h200/session2/tune_qkv_m16.json).
         block_m = max(16, 1 << (M - 1).bit_length())
-        grid = itertools.product([False, True], [128, 256], [4, 8], [4], [32, 64, None], [128, 512])
+        grid = itertools.product(orientations, [128, 256], [4, 8], [4], [32, 64, None], [128, 512])
         return [DecodeConfig(block_m, bk, nbk, w, s, r, tokens_as_rows) for tokens_as_rows, bk, w, s, r, nbk in grid
                 if block_m * nbk <= MAX_TILE]
     if prefill == "tma":
@@ -98,15 +100,20 @@ def gate_up_launchers(M: int, N: int, K: int):
     return default, launch
 
 
-def linear_launchers(N: int, K: int):
-    """The streaming linear op's heuristic, its candidates and launcher, in the QKV launchers' call shape."""
+def linear_launchers(M: int, N: int, K: int):
+    """The streaming linear op's heuristic, its candidates and launcher, in the QKV launchers' call
+    shape. A few tokens sweep the tensor-core path's tiles and pipeline depth."""
     op = importlib.import_module("hf_fused.ops.streaming_linear")
-    candidates = [op.StreamConfig(bk, w, r) for r, bk, w in ONE_TOKEN_GRID]
+    if M == 1:
+        candidates = [op.StreamConfig(bk, w, r) for r, bk, w in ONE_TOKEN_GRID]
+    else:
+        grid = itertools.product([64, 128, 256], [4, 8], [32, 64, None], [3, 4, 6])
+        candidates = [op.StreamConfig(bk, w, r, s) for bk, w, r, s in grid if bk * s <= 1024]
 
     def launch(x, norm_weight, weight, bias, y, eps, gemma, config):
         op.launch_stream(x, weight, bias, y, config)
 
-    return op.stream_config(N, K, torch.device("cuda")), candidates, launch
+    return op.stream_config(N, K, torch.device("cuda"), M), candidates, launch
 
 
 def main() -> None:
@@ -131,22 +138,21 @@ def main() -> None:
         norm_weight = torch.rand(K, device="cuda", dtype=dtype) + 0.5
         for M in map(int, args.ms.split(",")):
             decode = M <= DECODE_MAX_M
+            if args.op in ("linear", "gate_up") and M > STREAM_MAX_M:
+                continue  # more tokens take cuBLAS
             if args.op == "linear":
-                if M != 1:
-                    continue
-                default, candidates, launch = linear_launchers(N, K)
+                default, candidates, launch = linear_launchers(M, N, K)
             elif args.op == "gate_up":
-                if M != 1:
-                    continue
                 default, launch = gate_up_launchers(M, N, K)
             else:
                 prefill_config, prefill_launch = {"fused": (gemm_config, launch_gemm), "tma": (tma_config, launch_tma)}[args.prefill]
                 default = decode_config(M, N, K, torch.device("cuda")) if decode else prefill_config(M, N, K)
                 launch = launch_decode if decode else prefill_launch
             if args.op != "linear":
-                # Each gate_up output row streams two weight rows, into two accumulators; it has
-                # only the one-token kernel.
-                candidates = candidate_configs(M, K, 1 if args.op == "qkv" else 2, args.prefill)
+                # Each gate_up output row streams two weight rows, into two accumulators; its
+                # tensor-core path takes the tokens as rows only.
+                candidates = candidate_configs(M, K, 1 if args.op == "qkv" else 2, args.prefill,
+                                               (False, True) if args.op == "qkv" else (True,))
             x = torch.randn(M, K, device="cuda", dtype=dtype)
             y = torch.empty(M, N // 2 if args.op == "gate_up" else N, device="cuda", dtype=dtype)
             timings = []
