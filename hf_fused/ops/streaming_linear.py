@@ -268,12 +268,13 @@ def streaming_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, resi
         CPU tensors run F.linear, or the kernel in Triton's interpreter when TRITON_INTERPRET=1.
     """
     if eager_launchable(x, weight, bias, residual):
-        # More tokens are the op's cuBLAS path: called here, it skips the op's dispatch.
         if x.numel() == x.shape[-1]:
             return _eager_stream(x, weight, bias, residual)
-        if residual is not None:
-            _check_inputs(x, weight, bias, residual)  # a wrong residual would broadcast
-        return linear_ref(x, weight, bias, residual)
+        if not streams_weights(x.numel() // max(x.shape[-1], 1), x.dtype):
+            # The op's cuBLAS path: called here, it skips the op's dispatch.
+            if residual is not None:
+                _check_inputs(x, weight, bias, residual)  # a wrong residual would broadcast
+            return linear_ref(x, weight, bias, residual)
     _check_inputs(x, weight, bias, residual)
     if x.numel() == x.shape[-1] and compiled_launchable(x, weight, bias, residual):
         return torch.ops.hf_fused.streaming_linear_launch(x, weight, bias, residual)
