@@ -72,13 +72,14 @@ def candidate_configs(M: int, K: int, accumulators: int = 1, prefill: str = "fus
                     if r * bk <= MAX_TILE]
         # Tensor cores: num_stages is how many weight tiles the pipeliner keeps in flight. Rows
         # per program None gives every SM one equal share (no partial last wave); the norm's
-        # block sets how many serial loads the row reduction takes before the stream starts;
-        # tokens_as_rows picks the product's orientation (DecodeConfig). 16 rows a program never
-        # led the H200's sweep (docs/h200/session2/tune_qkv_m16.json).
+        # block and stages set how its row reduction loads x before the stream starts;
+        # tokens_as_rows picks the product's orientation (DecodeConfig). 16 and 32 rows a program
+        # never led the H200's sweep (docs/h200/session2/tune_qkv_m16.json).
         block_m = max(16, 1 << (M - 1).bit_length())
-        grid = itertools.product(orientations, [128, 256], [4, 8], [4], [32, 64, None], [128, 512])
-        return [DecodeConfig(block_m, bk, nbk, w, s, r, tokens_as_rows) for tokens_as_rows, bk, w, s, r, nbk in grid
-                if block_m * nbk <= MAX_TILE]
+        norms = [(128, 1), (512, 1), (128, 3)]  # (NORM_BLOCK_K, NORM_STAGES)
+        grid = itertools.product(orientations, [128, 256], [4, 8], [4], [64, None], norms)
+        return [DecodeConfig(block_m, bk, nbk, w, s, r, tokens_as_rows, ns)
+                for tokens_as_rows, bk, w, s, r, (nbk, ns) in grid if block_m * nbk <= MAX_TILE]
     if prefill == "tma":
         grid = itertools.product([64, 128], [128, 256], [64, 128], [4, 8], [3, 4])
         return [GemmConfig(bm, bn, bk, w, s) for bm, bn, bk, w, s in grid

@@ -61,6 +61,10 @@ def main() -> None:
         config = replace(qkv.decode_config(16, N, K), tokens_as_rows=tokens_as_rows)
         report[f"rmsnorm_qkv_m16/{tokens_as_rows}"] = compile_for_sm90(qkv._rmsnorm_qkv_decode_kernel, *qkv.decode_launch(
             x16, norm, qkv_weight, None, y16, 1e-5, False, config, pdl=True, l2_prefetch=48 * 1024))
+    # The norm's reduction pipelined (DecodeConfig.NORM_STAGES).
+    config = replace(qkv.decode_config(16, N, K), tokens_as_rows=True, NORM_STAGES=3)
+    report["rmsnorm_qkv_m16_norm_stages/True"] = compile_for_sm90(qkv._rmsnorm_qkv_decode_kernel, *qkv.decode_launch(
+        x16, norm, qkv_weight, None, y16, 1e-5, False, config, pdl=True, l2_prefetch=48 * 1024))
     # The gate/up and linear kernels' tensor-core paths, 16 tokens.
     act16 = torch.empty(16, I, dtype=dtype)
     report["rmsnorm_gate_up_m16/True"] = compile_for_sm90(gate_up._rmsnorm_gate_up_decode_kernel, *gate_up.decode_launch(

@@ -94,6 +94,8 @@ def test_the_kernels_with_the_prefetch_compile_for_hopper():
     assert transposed["prefetches"] == as_rows["prefetches"] == 1
     assert transposed["mma_versions"] == ["3"] and transposed["wgmma_waits"] == [0]
     assert as_rows["mma_versions"] == ["2"] and as_rows["wgmma_waits"] == []
+    # NORM_STAGES = 3 pipelines the norm's loads of x too: two more blocks in flight, and their wait.
+    assert report["rmsnorm_qkv_m16_norm_stages/True"]["async_copies"] > as_rows["async_copies"]
     # The gate/up and linear kernels take a few tokens as rows only: one prefetch per weight slab.
     for op, slabs in [("rmsnorm_gate_up_m16", 2), ("streaming_linear_m16", 1)]:
         kernel = report[f"{op}/True"]

@@ -80,10 +80,13 @@ def test_kernel_accuracy(M, dtype, norm_style):
 @pytest.mark.parametrize("K, N", [(80, 208)] + ([(4096, 6144)] if CUDA else []))
 @pytest.mark.parametrize("M", [3, 16])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("tokens_as_rows", [False, True])
-def test_tensor_core_decode_in_both_orientations(tokens_as_rows, dtype, M, K, N):
+@pytest.mark.parametrize("tokens_as_rows, norm_stages", [(False, 1), (True, 1), (True, 3)])
+def test_tensor_core_decode_in_both_orientations(tokens_as_rows, norm_stages, dtype, M, K, N):
     x, norm_weight, qkv_weight, bias = make_inputs(M, K, N, dtype, bias=True, seed=M)
-    config = replace(op_module.decode_config(M, N, K, torch.device(DEVICE)), tokens_as_rows=tokens_as_rows)
+    config = replace(op_module.decode_config(M, N, K, torch.device(DEVICE)), tokens_as_rows=tokens_as_rows,
+                     NORM_STAGES=norm_stages)
+    if norm_stages > 1:  # several blocks for the pipelined reduction to take, the last one partial
+        config = replace(config, NORM_BLOCK_K=min(config.NORM_BLOCK_K, 32))
     y = x.new_empty(M, N)
     op_module.launch_decode(x, norm_weight, qkv_weight, bias, y, EPS, False, config)
     assert_close_to_reference(y, x, norm_weight, qkv_weight, bias, "llama")

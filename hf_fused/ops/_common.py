@@ -171,15 +171,20 @@ def _decode_split(rows: int, rows_per_program: int | None, block_m: int, device:
 
 
 @triton.jit
-def _row_rstd(x_ptr, offs_m, M, K, stride_xm, stride_xk, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+def _row_rstd(x_ptr, offs_m, M, K, stride_xm, stride_xk, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+              STAGES: tl.constexpr = 1):
     """1/rms of each of the BLOCK_M rows, reduced in fp32 over all of K.
+
+    STAGES > 1 pipelines the loads of x's K-blocks (STAGES - 1 in flight through shared memory):
+    Triton pipelines a loop without a dot only when asked, and otherwise each block waits for its
+    load, one after another, before the weight stream starts.
 
     The kernels take eps as a constexpr, so it is added in fp32 as PyTorch adds it. As a runtime
     argument, torch.compile passes the Python float as fp64, which carried the whole
     normalization into fp64: the one-token QKV kernel ran 35% slower on an H100.
     """
     sum_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=mask, other=0.0)

@@ -122,7 +122,7 @@ def _rmsnorm_gate_up_decode_kernel(
     eps: tl.constexpr,
     GEMMA: tl.constexpr, GELU: tl.constexpr, INTERPRETED: tl.constexpr, PDL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NORM_BLOCK_K: tl.constexpr,
-    L2_PREFETCH_BYTES: tl.constexpr,
+    NORM_STAGES: tl.constexpr, L2_PREFETCH_BYTES: tl.constexpr,
 ):
     # rmsnorm_qkv's weight-streaming kernel with two accumulators: output column n takes row n of
     # Wg and row I + n of Wu, so one program holds both halves of its outputs' inputs.
@@ -142,7 +142,7 @@ def _rmsnorm_gate_up_decode_kernel(
     _prefetch_rows(w_ptr, pid * rows_per_program, n_rows, K, L2_PREFETCH_BYTES // 2)
     _prefetch_rows(w_ptr, I + pid * rows_per_program, n_rows, K, L2_PREFETCH_BYTES // 2)
     _await_inputs(PDL)
-    rstd = _row_rstd(x_ptr, offs_m, M, K, stride_xm, stride_xk, eps, BLOCK_M, NORM_BLOCK_K)
+    rstd = _row_rstd(x_ptr, offs_m, M, K, stride_xm, stride_xk, eps, BLOCK_M, NORM_BLOCK_K, NORM_STAGES)
     if BLOCK_M == 1:
         # Multiply-adds into (BLOCK_N, BLOCK_K) accumulators, reduced across K once at the end.
         acc_g = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)

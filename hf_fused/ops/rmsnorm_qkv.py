@@ -102,6 +102,9 @@ class DecodeConfig:
     them there and waits for its dot before the next (sm_90 code: warp_group_dot_wait with no
     dot left pending). As the first operand they stay in registers, and up to 16 tokens make
     the dot an Ampere-style mma, whose weight tiles come through the same pipelined copies.
+
+    NORM_STAGES pipelines the norm's reduction over x's NORM_BLOCK_K-wide blocks (_row_rstd),
+    which runs before the weight stream starts.
     """
 
     BLOCK_M: int
@@ -111,6 +114,7 @@ class DecodeConfig:
     num_stages: int
     rows_per_program: int | None
     tokens_as_rows: bool = False
+    NORM_STAGES: int = 1
 
 
 @dataclass(frozen=True)
@@ -202,7 +206,7 @@ def _rmsnorm_qkv_decode_kernel(
     eps: tl.constexpr,
     HAS_BIAS: tl.constexpr, GEMMA: tl.constexpr, INTERPRETED: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NORM_BLOCK_K: tl.constexpr,
-    L2_PREFETCH_BYTES: tl.constexpr, TOKENS_AS_ROWS: tl.constexpr,
+    NORM_STAGES: tl.constexpr, L2_PREFETCH_BYTES: tl.constexpr, TOKENS_AS_ROWS: tl.constexpr,
 ):
     # Transposed product: acc[n, m] = sum_k W[n, k] * xn[m, k]. N is the long side here, so it
     # takes the tile's first dimension and the few token rows the second (TOKENS_AS_ROWS computes
@@ -225,7 +229,7 @@ def _rmsnorm_qkv_decode_kernel(
         _prefetch_rows(w_ptr, pid * rows_per_program, tl.minimum(rows_per_program, N - pid * rows_per_program), K,
                        L2_PREFETCH_BYTES)
         _await_inputs(PDL)
-        rstd = _row_rstd(x_ptr, offs_m, M, K, stride_xm, stride_xk, eps, BLOCK_M, NORM_BLOCK_K)
+        rstd = _row_rstd(x_ptr, offs_m, M, K, stride_xm, stride_xk, eps, BLOCK_M, NORM_BLOCK_K, NORM_STAGES)
         acc_k = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             w = w_next
@@ -240,7 +244,7 @@ def _rmsnorm_qkv_decode_kernel(
         _prefetch_rows(w_ptr, pid * rows_per_program, tl.minimum(rows_per_program, N - pid * rows_per_program), K,
                        L2_PREFETCH_BYTES)
         _await_inputs(PDL)
-        rstd = _row_rstd(x_ptr, offs_m, M, K, stride_xm, stride_xk, eps, BLOCK_M, NORM_BLOCK_K)
+        rstd = _row_rstd(x_ptr, offs_m, M, K, stride_xm, stride_xk, eps, BLOCK_M, NORM_BLOCK_K, NORM_STAGES)
         if TOKENS_AS_ROWS:
             acc_t = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
