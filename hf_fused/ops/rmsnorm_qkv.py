@@ -223,13 +223,15 @@ def _rmsnorm_qkv_decode_kernel(
         # across K once at the end, keeping cross-thread reductions out of the streaming loop.
         # Triton pipelines only loads that feed tl.dot, so the stream is double-buffered by hand:
         # the next weight tile is in flight while this one is multiplied, and the first one is
-        # issued before the norm's reduction, which would otherwise leave the program idle. So is
-        # the L2 prefetch of the rows' next bytes, if any.
+        # issued before the norm's reduction, which would otherwise leave the program idle.
         w_next = _weight_tile(w_ptrs, 0, n_mask, K, stride_wk, BLOCK_K)
-        _prefetch_rows(w_ptr, pid * rows_per_program, tl.minimum(rows_per_program, N - pid * rows_per_program), K,
-                       L2_PREFETCH_BYTES)
-        _await_inputs(PDL)
-        rstd = _row_rstd(x_ptr, offs_m, M, K, stride_xm, stride_xk, eps, BLOCK_M, NORM_BLOCK_K, NORM_STAGES)
+    # The L2 prefetch, if any, has the program's next weight bytes on their way during the wait
+    # and the norm's reduction.
+    _prefetch_rows(w_ptr, pid * rows_per_program, tl.minimum(rows_per_program, N - pid * rows_per_program), K,
+                   L2_PREFETCH_BYTES)
+    _await_inputs(PDL)
+    rstd = _row_rstd(x_ptr, offs_m, M, K, stride_xm, stride_xk, eps, BLOCK_M, NORM_BLOCK_K, NORM_STAGES)
+    if BLOCK_M == 1:
         acc_k = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             w = w_next
@@ -238,30 +240,23 @@ def _rmsnorm_qkv_decode_kernel(
             xn = _normalized_tile(x_ptr, norm_w_ptr, offs_m, offs_k, rstd, M, K, stride_xm, stride_xk, GEMMA, INTERPRETED)
             acc_k += w.to(tl.float32) * xn.to(tl.float32)
         acc = tl.sum(acc_k, axis=1)[:, None]
+    elif TOKENS_AS_ROWS:
+        acc_t = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            xn = _normalized_tile(x_ptr, norm_w_ptr, offs_m, offs_k, rstd, M, K, stride_xm, stride_xk, GEMMA,
+                                  INTERPRETED)
+            acc_t = _dot(xn, tl.trans(_weight_tile(w_ptrs, k0, n_mask, K, stride_wk, BLOCK_K)), acc_t, INTERPRETED,
+                         IEEE)
+        acc = tl.trans(acc_t)
     else:
-        # The norm's reduction runs before the pipelined stream starts: the prefetch, if any,
-        # has the program's first weight bytes on their way to L2 meanwhile.
-        _prefetch_rows(w_ptr, pid * rows_per_program, tl.minimum(rows_per_program, N - pid * rows_per_program), K,
-                       L2_PREFETCH_BYTES)
-        _await_inputs(PDL)
-        rstd = _row_rstd(x_ptr, offs_m, M, K, stride_xm, stride_xk, eps, BLOCK_M, NORM_BLOCK_K, NORM_STAGES)
-        if TOKENS_AS_ROWS:
-            acc_t = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                offs_k = k0 + tl.arange(0, BLOCK_K)
-                xn = _normalized_tile(x_ptr, norm_w_ptr, offs_m, offs_k, rstd, M, K, stride_xm, stride_xk, GEMMA,
-                                      INTERPRETED)
-                acc_t = _dot(xn, tl.trans(_weight_tile(w_ptrs, k0, n_mask, K, stride_wk, BLOCK_K)), acc_t, INTERPRETED,
-                             IEEE)
-            acc = tl.trans(acc_t)
-        else:
-            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                offs_k = k0 + tl.arange(0, BLOCK_K)
-                xn = _normalized_tile(x_ptr, norm_w_ptr, offs_m, offs_k, rstd, M, K, stride_xm, stride_xk, GEMMA,
-                                      INTERPRETED)
-                acc = _dot(_weight_tile(w_ptrs, k0, n_mask, K, stride_wk, BLOCK_K), tl.trans(xn), acc, INTERPRETED,
-                           IEEE)
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            xn = _normalized_tile(x_ptr, norm_w_ptr, offs_m, offs_k, rstd, M, K, stride_xm, stride_xk, GEMMA,
+                                  INTERPRETED)
+            acc = _dot(_weight_tile(w_ptrs, k0, n_mask, K, stride_wk, BLOCK_K), tl.trans(xn), acc, INTERPRETED,
+                       IEEE)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
     y_ptrs = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None] * stride_yn
