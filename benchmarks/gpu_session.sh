@@ -187,14 +187,15 @@ prefetch)
     # HF_FUSED_L2_PREFETCH=1 turns it on at the device's default depth (l2_prefetch_default); the
     # layer benchmark also tries a quarter and more than twice that, for the depth to choose.
     step 90 tests_prefetch.txt python3 -m pytest -q -s -p no:cacheprovider tests/test_eager_launch.py \
-        tests/test_device_configs.py -k "pdl or this_gpu"
+        tests/test_device_configs.py -k "pdl or this_gpu or hook"
     step 120 bench_pdl_llama3-8b.txt python3 benchmarks/bench_pdl.py --shape llama3-8b \
         --l2-prefetch 12288,default,131072 --out "$out"
-    step 60 bench_pdl_llama3.2-1b.txt python3 benchmarks/bench_pdl.py --shape llama3.2-1b --out "$out"
     tps=(python3 examples/compare_tps.py --shape llama3-8b --modes fast-loop --batch-sizes 1 --new-tokens 64
         --repeats 2 --peers none)
     HF_FUSED_L2_PREFETCH=0 step 120 tps_8b_prefetch_off.txt "${tps[@]}" --out "$out/prefetch_off"
     HF_FUSED_L2_PREFETCH=1 step 120 tps_8b_prefetch_on.txt "${tps[@]}" --out "$out/prefetch_on"
+    # Last, as the one to lose if the call runs long.
+    step 60 bench_pdl_llama3.2-1b.txt python3 benchmarks/bench_pdl.py --shape llama3.2-1b --out "$out"
     ;;
 pdl-tps)
     step 90 tests_pdl.txt python3 -m pytest -q -p no:cacheprovider tests/test_eager_launch.py

@@ -75,6 +75,31 @@ def test_a_new_signature_resolves_a_new_launch():
     assert torch.equal(got, want)
 
 
+@pytest.mark.skipif(not CUDA, reason="replays launch a compiled kernel; the interpreter has none")
+def test_a_launch_hook_sees_every_replay():
+    """Replays skip Triton's launch metadata while no hook listens; a profiler's hook, added after
+    the launch was resolved, still sees each launch, and removing it changes no result."""
+    from triton import knobs
+
+    K, N = SHAPES[0]
+    x, norm_weight, weight, _ = operands(K, N, torch.bfloat16)
+    seen = []
+
+    def hook(metadata):
+        seen.append(metadata.get()["name"])
+
+    with torch.no_grad():
+        want = rmsnorm_qkv(x, norm_weight, weight, eps=EPS)  # resolves the launch, or finds it
+        knobs.runtime.launch_enter_hook.add(hook)
+        try:
+            hooked = [rmsnorm_qkv(x, norm_weight, weight, eps=EPS) for _ in range(3)]
+        finally:
+            knobs.runtime.launch_enter_hook.remove(hook)
+        unhooked = rmsnorm_qkv(x, norm_weight, weight, eps=EPS)
+    assert len(seen) == 3 and all("rmsnorm_qkv" in name for name in seen), seen
+    assert all(torch.equal(y, want) for y in (*hooked, unhooked))
+
+
 def test_autograd_takes_the_registered_op():
     K, N = SHAPES[0]
     x, norm_weight, weight, _ = operands(K, N, torch.float32)
