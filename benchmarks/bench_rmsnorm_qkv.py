@@ -5,6 +5,7 @@
 For each shape (K -> N) and token count M, in bf16, it times:
   fused       hf_fused.ops.rmsnorm_qkv (for M > 64 its default prefill path: Triton norm, then cuBLAS)
   tokens_as_rows  for 2 <= M <= 16, the tensor-core decode kernel with DecodeConfig.tokens_as_rows
+  split       for 2 <= M <= 16, multi_token="split": the Triton norm pass, then cuBLAS
   fused_gemm  for M > 64, the single fused tl.dot GEMM kernel instead
   tma_gemm    for M > 64, the persistent TMA tl.dot GEMM kernel, the norm's reduction in its K loop
   eager3      LlamaRMSNorm, then three nn.Linear (what transformers runs)
@@ -98,7 +99,11 @@ def bench_point(name, M, bandwidth, flops):
         "gemm_only": [lambda w=w: F.linear(x, w) for w in weights],
     }
     as_rows_y = None
-    if 1 < M <= 16:  # the tensor-core decode kernel with the product's other orientation
+    if 1 < M <= 16:  # the tensor-core decode kernel with the product's other orientation, and the split path
+        calls["split"] = [
+            lambda nw=nw, w=w: rmsnorm_qkv_2d(x, nw, w, None, EPS, False, multi_token="split")
+            for nw, w in zip(norm_weights, weights)
+        ]
         config = replace(decode_config(M, N, K, x.device), tokens_as_rows=True)
         as_rows_y = x.new_empty(M, N)
         calls["tokens_as_rows"] = [
@@ -141,7 +146,7 @@ OP = OpBench(
     stem="bench_rmsnorm_qkv",
     shapes=list(SHAPES),
     peers={"eager3": "eager3", "compiled3": "compiled3", "compiled1": "compiled1", "gemm_only": "cuBLAS no norm"},
-    extra={"tokens_as_rows_graph_us": "tokens as rows", "fused_gemm_graph_us": "fused GEMM kernel", "tma_gemm_graph_us": "TMA GEMM kernel", "fused_launch_us": "fused launch",
+    extra={"tokens_as_rows_graph_us": "tokens as rows", "split_graph_us": "split", "fused_gemm_graph_us": "fused GEMM kernel", "tma_gemm_graph_us": "TMA GEMM kernel", "fused_launch_us": "fused launch",
            "eager3_launch_us": "eager3 launch"},
     bench_point=bench_point,
 )

@@ -43,6 +43,7 @@ from hf_fused.ops.rmsnorm_qkv import (  # noqa: E402
     launch_decode,
     launch_gemm,
     launch_tma,
+    rmsnorm_qkv_2d,
     tma_config,
 )
 
@@ -63,7 +64,7 @@ ONE_TOKEN_GRID = ((8, 512, 4), (8, 1024, 4), (8, 1024, 8), (16, 512, 4), (16, 51
 TMA_SHARED_BYTES = 212 * 1024
 
 
-def candidate_configs(M: int, K: int, accumulators: int = 1, prefill: str = "fused",
+def candidate_configs(M: int, N: int, K: int, accumulators: int = 1, prefill: str = "fused",
                       orientations: tuple[bool, ...] = (False, True)) -> list:
     if M <= DECODE_MAX_M:
         wide_norm = max(128, min(1 << (K - 1).bit_length(), 4096))
@@ -74,10 +75,14 @@ def candidate_configs(M: int, K: int, accumulators: int = 1, prefill: str = "fus
         # per program None gives every SM one equal share (no partial last wave); the norm's
         # block and stages set how its row reduction loads x before the stream starts;
         # tokens_as_rows picks the product's orientation (DecodeConfig). 16 and 32 rows a program
-        # never led the H200's sweep (docs/h200/session2/tune_qkv_m16.json).
+        # never led the H200's sweep at the 8B and 70B shapes (docs/h200/session2/tune_qkv_m16.json);
+        # a smaller weight (1B's 3072 x 2048: 96 programs of 32 rows on an H100's 132 SMs) tries them.
         block_m = max(16, 1 << (M - 1).bit_length())
-        norms = [(128, 1), (512, 1), (128, 3)]  # (NORM_BLOCK_K, NORM_STAGES)
-        grid = itertools.product(orientations, [128, 256], [4, 8], [4], [64, None], norms)
+        if N * K >= 4096 * 4096:
+            grid = itertools.product(orientations, [128, 256], [4, 8], [4], [64, None],
+                                     [(128, 1), (512, 1), (128, 3)])  # (NORM_BLOCK_K, NORM_STAGES)
+        else:
+            grid = itertools.product(orientations, [128], [4, 8], [4], [16, 32, 64, None], [(128, 1), (512, 1)])
         return [DecodeConfig(block_m, bk, nbk, w, s, r, tokens_as_rows, ns)
                 for tokens_as_rows, bk, w, s, r, (nbk, ns) in grid if block_m * nbk <= MAX_TILE]
     if prefill == "tma":
@@ -152,7 +157,7 @@ def main() -> None:
             if args.op != "linear":
                 # Each gate_up output row streams two weight rows, into two accumulators; its
                 # tensor-core path takes the tokens as rows only.
-                candidates = candidate_configs(M, K, 1 if args.op == "qkv" else 2, args.prefill,
+                candidates = candidate_configs(M, N, K, 1 if args.op == "qkv" else 2, args.prefill,
                                                (False, True) if args.op == "qkv" else (True,))
             x = torch.randn(M, K, device="cuda", dtype=dtype)
             y = torch.empty(M, N // 2 if args.op == "gate_up" else N, device="cuda", dtype=dtype)
@@ -166,18 +171,24 @@ def main() -> None:
                     continue
                 timings.append((us, config))
                 print(f"    {us:9.2f} us  {config}", flush=True)
-            # The prefill target is cuBLAS on the same weight with no norm, timed the same way.
-            cublas_us = None
-            if args.op == "qkv" and not decode:
+            # The QKV targets past one token are cuBLAS on the same weight with no norm, timed the
+            # same way; a few tokens also time the split path (Triton norm, then cuBLAS).
+            cublas_us = split_us = None
+            if args.op == "qkv" and M > 1:
                 cublas_us = time_graph([(lambda w=w, x=x: F.linear(x, w)) for w in weights], replays=5)
+            if args.op == "qkv" and 1 < M <= DECODE_MAX_M:
+                split_us = time_graph([(lambda w=w, x=x: rmsnorm_qkv_2d(x, norm_weight, w, None, 1e-5, False,
+                                                                        multi_token="split")) for w in weights],
+                                      replays=5)
             timings.sort(key=lambda t: t[0])
             default_us = next((us for us, c in timings if c == default), float("nan"))  # nan: failed to compile
             best_us, best = timings[0]
             versus = "" if cublas_us is None else f"  cuBLAS, no norm {cublas_us:8.2f} us"
+            versus += "" if split_us is None else f"  split {split_us:8.2f} us"
             print(f"{args.op} {name:14s} M={M:6d} heuristic {default_us:8.2f} us  best {best_us:8.2f} us  {best}{versus}",
                   flush=True)
             results.append({"op": args.op, "prefill": None if decode else args.prefill, "shape": name,
-                            "M": M, "K": K, "N": N, "heuristic_us": default_us, "cublas_us": cublas_us,
+                            "M": M, "K": K, "N": N, "heuristic_us": default_us, "cublas_us": cublas_us, "split_us": split_us,
                             "top": [{"us": us, **vars(c)} for us, c in timings[:8]]})
             del x, y
         del weights

@@ -118,6 +118,23 @@ def test_tma_prefill_runs_its_kernel(monkeypatch, norm_style):
     assert len(launched) == 1
     assert_close_to_reference(y, x, norm_weight, qkv_weight, bias, norm_style)
 
+@pytest.mark.parametrize("M", [1, 4, op_module.DECODE_MAX_M])
+def test_a_few_tokens_split_when_asked(monkeypatch, M):
+    """multi_token="split" takes the norm pass and cuBLAS for 2 to DECODE_MAX_M tokens; one token
+    streams whatever it says."""
+    x, norm_weight, qkv_weight, bias = make_inputs(M, 80, 208, torch.bfloat16, bias=True)
+    streamed, launch_decode = [], op_module.launch_decode
+
+    def spy(*args, **kwargs):
+        streamed.append(args[0].shape)
+        launch_decode(*args, **kwargs)
+
+    monkeypatch.setattr(op_module, "launch_decode", spy)
+    y = op_module.rmsnorm_qkv_2d(x, norm_weight, qkv_weight, bias, EPS, False, multi_token="split")
+    assert streamed == ([(1, 80)] if M == 1 else [])
+    assert_close_to_reference(y, x, norm_weight, qkv_weight, bias, "llama")
+
+
 TMA_REFUSALS = [
     ("fp16 (x * w can overflow)", dict(dtype=torch.float16)),
     ("fp32", dict(dtype=torch.float32)),

@@ -259,8 +259,8 @@ def l2_prefetch_bytes(weight: Tensor, max_bytes: int | None = None) -> int:
     """The L2_PREFETCH_BYTES meta-parameter of a weight-streaming kernel over ``weight``.
 
     ``max_bytes=None`` takes the device's l2_prefetch_default where HF_FUSED_L2_PREFETCH=1 and
-    nothing otherwise: the prefetch is off by default until an H200 has measured it
-    (benchmarks/bench_pdl.py compares both). 0 also where the weight's rows are not contiguous
+    nothing otherwise: the prefetch is off by default. On an H100 it slowed every weight kernel
+    (docs/h100/2026-12-08/); an H200 has not measured it yet (benchmarks/bench_pdl.py compares both). 0 also where the weight's rows are not contiguous
     with 16-byte aligned starts, which the bulk prefetch needs. Storage offsets stand in for the
     pointers, which traced (fake) tensors lack: allocations themselves are aligned far beyond.
     """

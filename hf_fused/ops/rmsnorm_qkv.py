@@ -19,6 +19,8 @@ Paths, chosen by M:
 - prefill, "tma" (bf16 on Hopper and later): a persistent tl.dot GEMM fed by TMA tensor
   descriptors, with the norm's reduction carried along its K loop (see _rmsnorm_qkv_tma_kernel).
 - prefill, "split" (default, see DEFAULT_PREFILL): a Triton norm pass, then cuBLAS.
+- 2 to DECODE_MAX_M tokens, multi_token="split": the same norm pass and cuBLAS instead of the
+  weight-streaming kernel (the default, "stream"), for the benchmarks to time the two side by side.
 """
 
 from __future__ import annotations
@@ -69,6 +71,11 @@ PREFILL_PATHS = ("split", "fused", "tma")
 # on an H100, "fused" at under 0.4x), so by default prefill normalizes in one Triton pass and
 # multiplies with cuBLAS, which measured 0.93-1.05x of cuBLAS alone at M >= 2048.
 DEFAULT_PREFILL = "split"
+MULTI_TOKEN_PATHS = ("stream", "split")
+# On an H100 at 1B's shape (3072 x 2048) four tokens streamed in 19.9 µs, against 7.3 µs for
+# cuBLAS with no norm (docs/h100/2026-12-08/), but the split path was not timed beside them, so
+# the default stays until it is.
+DEFAULT_MULTI_TOKEN = "stream"
 
 
 def rmsnorm_qkv_ref(
@@ -406,13 +413,14 @@ def launch_tma(x, norm_weight, qkv_weight, bias, y, eps: float, gemma: bool, con
 
 def rmsnorm_qkv_2d(
     x: Tensor, norm_weight: Tensor, qkv_weight: Tensor, bias: Tensor | None, eps: float, gemma: bool,
-    prefill: str = DEFAULT_PREFILL,
+    prefill: str = DEFAULT_PREFILL, multi_token: str = DEFAULT_MULTI_TOKEN,
 ) -> Tensor:
     """Dispatch by token count: x (M, K) -> (M, N). ``prefill`` picks the path for M > DECODE_MAX_M;
-    "tma" where tma_applies, else "split"."""
+    "tma" where tma_applies, else "split". ``multi_token`` picks it for 2 <= M <= DECODE_MAX_M
+    (see MULTI_TOKEN_PATHS); one token always streams."""
     M, K = x.shape
     N = qkv_weight.shape[0]
-    streams = streams_weights(M, x.dtype)
+    streams = streams_weights(M, x.dtype) and (M == 1 or multi_token == "stream")
     prefill_kernel = None
     if M > DECODE_MAX_M and prefill == "fused":
         prefill_kernel = launch_gemm
