@@ -260,9 +260,10 @@ def l2_prefetch_bytes(weight: Tensor, max_bytes: int | None = None) -> int:
 
     ``max_bytes=None`` takes the device's l2_prefetch_default where HF_FUSED_L2_PREFETCH=1 and
     nothing otherwise: the prefetch is off by default. On an H100 it slowed every weight kernel
-    (docs/h100/2026-12-08/); an H200 has not measured it yet (benchmarks/bench_pdl.py compares both). 0 also where the weight's rows are not contiguous
-    with 16-byte aligned starts, which the bulk prefetch needs. Storage offsets stand in for the
-    pointers, which traced (fake) tensors lack: allocations themselves are aligned far beyond.
+    (docs/h100/2026-12-08/); an H200 has not measured it yet (benchmarks/bench_pdl.py compares
+    both). 0 also where the weight's rows are not contiguous with 16-byte aligned starts, which
+    the bulk prefetch needs. Storage offsets stand in for the pointers, which traced (fake)
+    tensors lack: allocations themselves are aligned far beyond.
     """
     if max_bytes is None:
         max_bytes = l2_prefetch_default(weight.device) if os.environ.get("HF_FUSED_L2_PREFETCH", "0") == "1" else 0
@@ -457,8 +458,8 @@ class EagerLaunch:
 def _launch_hooks_set() -> bool:
     """Whether anything listens to Triton's kernel launches (launch_enter_hook, launch_exit_hook).
 
-    Triton 3.6 and later hold each as a chain of hooks, empty unless a tool adds one; an older
-    layout (a hook or None) counts as set unless None."""
+    The supported Tritons (3.6 to 3.9) hold each as a chain of hooks, empty unless a tool adds
+    one; a hook in another form counts as set unless it is None."""
     enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
     return bool(getattr(enter, "calls", enter is not None) or getattr(leave, "calls", leave is not None))
 
